@@ -1,0 +1,1 @@
+"""Retrieval: OpenCLIP document vectors, the FAISS index and the paper's retrieval filters."""

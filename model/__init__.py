@@ -1,0 +1,1 @@
+"""The CM3 decoder, the causal-masked objective, training and generation."""

@@ -1,0 +1,321 @@
+"""The embedded demo data set: generator, pixel checker and loopback server (real HTTP)."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import socket
+import struct
+import threading
+import time
+import urllib.error
+import urllib.request
+import zlib
+from collections import Counter
+
+import cv2
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from cm3.workflows.demo import shapes
+from cm3.workflows.demo.checker import read_attributes, score
+from cm3.workflows.demo.server import (
+    BROKEN_CASES,
+    COLUMNS,
+    URL_LIST_FORMATS,
+    DemoDataServer,
+    write_url_list,
+)
+
+N_SERVED = 40
+SLOW_SECONDS = 3.0
+
+
+# --- generator ----------------------------------------------------------------------------
+
+
+def test_render_is_byte_for_byte_deterministic() -> None:
+    for index in range(5):
+        spec = shapes.spec_for(index, seed=7)
+        assert spec == shapes.spec_for(index, seed=7)
+        again = shapes.spec_for(index, seed=7)
+        assert shapes.encode_png(shapes.render(spec)) == shapes.encode_png(shapes.render(again))
+        assert shapes.encode_jpeg(shapes.render(spec)) == shapes.encode_jpeg(shapes.render(spec))
+
+
+def test_different_indices_and_seeds_give_different_specs() -> None:
+    specs = [spec for _, spec in shapes.iter_dataset(100)]
+    assert len(set(specs)) == 100
+    assert [shapes.spec_for(i, seed=1) for i in range(20)] != specs[:20]
+    assert shapes.spec_for(3, split="heldout") != shapes.spec_for(3, split="train")
+
+
+def test_splits_are_separated() -> None:
+    train = [(s.shape, s.colour) for _, s in shapes.iter_dataset(2000, split="train")]
+    heldout = [(s.shape, s.colour) for _, s in shapes.iter_dataset(300, split="heldout")]
+    assert not set(train) & set(shapes.HELD_OUT)
+    assert set(heldout) == set(shapes.HELD_OUT)
+    with pytest.raises(ValueError):
+        shapes.spec_for(0, split="validation")
+
+
+def test_every_attribute_value_appears_in_training() -> None:
+    train = [spec for _, spec in shapes.iter_dataset(2000)]
+    assert {s.shape for s in train} == set(shapes.SHAPES)
+    assert {s.colour for s in train} == set(shapes.COLOURS)
+    assert {s.size for s in train} == set(shapes.SIZES)
+    assert {s.position for s in train} == set(shapes.POSITIONS)
+    assert {s.background for s in train} == set(shapes.BACKGROUNDS)
+    assert len(shapes.HELD_OUT) == len(shapes.SHAPES) == len({shape for shape, _ in shapes.HELD_OUT})
+
+
+def test_shapes_lie_inside_the_canvas() -> None:
+    for _, spec in shapes.iter_dataset(2000):
+        x0, y0, x1, y1 = spec.bbox
+        assert 0 <= x0 < x1 <= shapes.CANVAS and 0 <= y0 < y1 <= shapes.CANVAS
+
+
+def test_captions() -> None:
+    pattern = re.compile(
+        r"a (small|medium|large) (\w+) (circle|square|triangle) "
+        r"(in the center|at the (top left|top|top right|left|right|bottom left|bottom|bottom right)) "
+        r"on a (white|black|gray) background"
+    )
+    for _, spec in shapes.iter_dataset(300):
+        match = pattern.fullmatch(spec.caption)
+        assert match, spec.caption
+        assert match[1] == spec.size and match[2] == spec.colour
+        assert match[3] == spec.shape and match[6] == spec.background
+        assert (match[4] == "in the center") == (spec.position == "center")
+    spec = shapes.ShapeSpec("circle", "red", "small", "top left", "white", 40.0, 40.0, 24.0)
+    assert spec.caption == "a small red circle at the top left on a white background"
+
+
+# --- checker ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def jpeg_dataset() -> list[tuple[shapes.ShapeSpec, np.ndarray]]:
+    """300 train + 100 heldout images, rendered then JPEG-encoded at quality 90."""
+    train = [s for _, s in shapes.iter_dataset(300)]
+    specs = train + [s for _, s in shapes.iter_dataset(100, split="heldout")]
+    decode = lambda data: np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))  # noqa: E731
+    return [(spec, decode(shapes.encode_jpeg(shapes.render(spec), quality=90))) for spec in specs]
+
+
+def _accuracy(pairs: list[tuple[shapes.ShapeSpec, np.ndarray]]) -> dict[str, float]:
+    totals: Counter[str] = Counter()
+    for spec, pixels in pairs:
+        totals.update(key for key, ok in score(pixels, spec).items() if ok)
+    keys = ("colour_ok", "shape_ok", "size_ok", "position_ok", "background_ok")
+    return {key: totals[key] / len(pairs) for key in keys}
+
+
+def test_checker_reads_back_its_own_jpeg_images(jpeg_dataset) -> None:
+    accuracy = _accuracy(jpeg_dataset)
+    assert accuracy["colour_ok"] == accuracy["shape_ok"] == accuracy["background_ok"] == 1.0, accuracy
+    assert accuracy["size_ok"] >= 0.97 and accuracy["position_ok"] >= 0.97, accuracy
+
+
+def test_checker_survives_noise_and_blur(jpeg_dataset) -> None:
+    rng = np.random.default_rng(0)
+    degraded = []
+    for spec, pixels in jpeg_dataset:
+        noisy = np.clip(pixels + rng.normal(0.0, 8.0, pixels.shape), 0, 255).astype(np.uint8)
+        degraded.append((spec, cv2.blur(noisy, (3, 3))))
+    accuracy = _accuracy(degraded)
+    assert accuracy["colour_ok"] >= 0.95 and accuracy["shape_ok"] >= 0.95, accuracy
+
+
+def test_checker_accepts_pil_images_of_any_size() -> None:
+    spec = shapes.spec_for(11)
+    reading = read_attributes(shapes.render(spec, size=512))
+    assert reading.ok
+    assert (reading.colour, reading.shape, reading.size, reading.position, reading.background) == (
+        spec.colour, spec.shape, spec.size, spec.position, spec.background,
+    )  # fmt: skip
+
+
+def test_blank_image_is_not_ok() -> None:
+    reading = read_attributes(np.full((256, 256, 3), 128, np.uint8))
+    assert not reading.ok and reading.background == "gray" and reading.shape is None
+    spec = shapes.spec_for(0)
+    assert score(np.zeros((64, 64, 3), np.uint8), spec) == {
+        "colour_ok": False, "shape_ok": False, "size_ok": False, "position_ok": False,
+        "background_ok": spec.background == "black",
+    }  # fmt: skip
+
+
+# --- server -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def server():
+    with DemoDataServer(n=N_SERVED, seed=0, slow_seconds=SLOW_SECONDS) as running:
+        yield running
+
+
+def _get(url: str, timeout: float = 10.0) -> tuple[int, dict[str, str], bytes, str]:
+    """(status, headers, body, final url) of a GET, following redirects, never raising on 4xx."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return response.status, dict(response.headers), response.read(), response.url
+    except urllib.error.HTTPError as error:
+        return error.code, dict(error.headers), error.read(), url
+
+
+def _outcome(url: str, timeout: float) -> str:
+    """Classify a download the way an ingester must (the names used by BROKEN_CASES)."""
+    try:
+        status, headers, body, _ = _get(url, timeout)
+    except (TimeoutError, urllib.error.URLError) as error:
+        assert "timed out" in str(error)
+        return "timeout"
+    if status != 200:
+        return f"http_{status}"
+    if not headers["Content-Type"].startswith("image/"):
+        return "not_an_image"
+    try:
+        with Image.open(io.BytesIO(body)) as image:
+            image.load()
+    except Image.DecompressionBombError:
+        return "image_too_large"
+    except OSError:
+        return "truncated"
+    return "success"
+
+
+def test_image_route_serves_the_rendered_jpeg(server) -> None:
+    status, headers, body, _ = _get(f"{server.url}/images/train/3.jpg")
+    assert status == 200 and headers["Content-Type"] == "image/jpeg"
+    assert int(headers["Content-Length"]) == len(body)
+    image = Image.open(io.BytesIO(body))
+    assert image.format == "JPEG" and image.size == (256, 256)
+    rendered = shapes.render(shapes.spec_for(3))
+    assert body == shapes.encode_jpeg(rendered)
+    assert np.abs(np.asarray(image.convert("RGB"), float) - np.asarray(rendered, float)).mean() < 2.0
+
+
+@pytest.mark.parametrize(
+    "path", [f"/images/train/{N_SERVED}.jpg", "/images/test/0.jpg", "/images/train/x.jpg", "/nope"]
+)
+def test_unknown_paths_are_404(server, path: str) -> None:
+    assert _get(server.url + path)[0] == 404
+
+
+def _parse(fmt: str, body: bytes) -> pd.DataFrame:
+    if fmt == "parquet":
+        return pq.read_table(io.BytesIO(body)).to_pandas()
+    if fmt == "jsonl":
+        return pd.DataFrame([json.loads(line) for line in body.decode().splitlines()])
+    if fmt in ("csv", "tsv"):
+        return pd.read_csv(io.BytesIO(body), sep="," if fmt == "csv" else "\t", dtype=str)
+    return pd.DataFrame({"url": body.decode().splitlines()})
+
+
+@pytest.mark.parametrize("fmt", list(URL_LIST_FORMATS))
+def test_url_lists_parse_with_rows_and_columns(server, fmt: str) -> None:
+    status, headers, body, _ = _get(f"{server.url}/urls.{fmt}")
+    assert status == 200 and headers["Content-Type"] == URL_LIST_FORMATS[fmt]
+    table = _parse(fmt, body)
+    assert list(table.columns) == (["url"] if fmt == "txt" else list(COLUMNS))
+    assert len(table) == N_SERVED
+    assert table["url"][5] == f"{server.url}/images/train/5.jpg"
+    if fmt != "txt":
+        spec = shapes.spec_for(5)
+        assert table["caption"][5] == spec.caption and table["shape"][5] == spec.shape
+
+    limited = _parse(fmt, _get(f"{server.url}/urls.{fmt}?n=7&broken=1")[2])
+    assert len(limited) == 7 + len(BROKEN_CASES)
+    assert list(limited["url"][7:]) == [server.url + path for path, _ in BROKEN_CASES.values()]
+    if fmt != "txt":
+        assert limited["caption"].str.startswith("a ").all()
+
+
+@pytest.mark.parametrize("fmt", list(URL_LIST_FORMATS))
+def test_written_url_list_matches_the_served_one(server, tmp_path, fmt: str) -> None:
+    path = write_url_list(tmp_path / f"urls.{fmt}", server.url, N_SERVED, include_broken=True)
+    assert path.read_bytes() == _get(f"{server.url}/urls.{fmt}?broken=1")[2]
+
+
+@pytest.mark.parametrize("name", list(BROKEN_CASES))
+def test_broken_case_has_its_stated_outcome(server, name: str) -> None:
+    path, expected = BROKEN_CASES[name]
+    assert _outcome(server.url + path, timeout=1.0) == expected
+
+
+def _inflated_size(png: bytes) -> int:
+    """Bytes in the PNG's IDAT stream once inflated, streamed so memory stays small."""
+    length = struct.unpack(">I", png[33:37])[0]
+    assert png[37:41] == b"IDAT"
+    inflater, pending, total = zlib.decompressobj(), png[41 : 41 + length], 0
+    while pending or not inflater.eof:
+        total += len(inflater.decompress(pending, 1 << 24))
+        pending = inflater.unconsumed_tail
+    return total
+
+
+def test_broken_case_details(server, monkeypatch) -> None:
+    url = server.url + "/broken/"
+    status, headers, body, _ = _get(url + "truncated.jpg")
+    assert status == 200 and 0 < len(body) < len(shapes.encode_jpeg(shapes.render(shapes.spec_for(1))))
+    with pytest.raises(OSError):
+        Image.open(io.BytesIO(body)).load()
+
+    status, headers, body, _ = _get(url + "html.jpg")
+    assert status == 200 and headers["Content-Type"].startswith("text/html") and b"<html>" in body
+
+    status, _, body, final_url = _get(url + "redirect.jpg")
+    assert status == 200 and "/images/train/" in final_url and Image.open(io.BytesIO(body)).size == (256, 256)
+
+    _, headers, body, _ = _get(url + "huge.png")
+    assert headers["Content-Type"] == "image/png" and len(body) < 1_000_000
+    assert struct.unpack(">II", body[16:24]) == (16000, 16000)
+    assert _inflated_size(body) == 16000 * 16001  # the hand-built deflate stream is complete
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)
+    with Image.open(io.BytesIO(body)) as huge:  # reads the header only
+        assert min(huge.size) >= 16000 and huge.mode == "L"
+
+    for name, mode in (("alpha.png", "RGBA"), ("grey.jpg", "L"), ("cmyk.jpg", "CMYK")):
+        image = Image.open(io.BytesIO(_get(url + name)[2]))
+        image.load()
+        assert image.mode == mode and image.size == (256, 256), name
+    alpha = np.asarray(Image.open(io.BytesIO(_get(url + "alpha.png")[2])))[..., 3]
+    assert alpha.min() == 0 and alpha.max() == 255
+
+
+def test_slow_request_does_not_block_others(server) -> None:
+    outcome: list[str] = []
+    slow = threading.Thread(target=lambda: outcome.append(_outcome(server.url + "/broken/slow.jpg", 1.0)))
+    slow.start()
+    time.sleep(0.2)  # the slow request is now sleeping on the server
+    started = time.monotonic()
+    assert _get(f"{server.url}/images/train/2.jpg")[0] == 200
+    assert time.monotonic() - started < 0.5
+    slow.join()
+    assert outcome == ["timeout"]
+
+
+def test_client_hanging_up_early_prints_nothing(server, capfd) -> None:
+    port = int(server.url.rsplit(":", 1)[1])
+    for path in ("/broken/huge.png", "/images/train/1.jpg", "/urls.parquet") * 3:
+        with socket.socket() as client:
+            client.connect(("127.0.0.1", port))
+            client.sendall(f"GET {path} HTTP/1.0\r\n\r\n".encode())
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # reset on close
+    time.sleep(0.3)  # let the server threads hit the reset
+    assert _get(f"{server.url}/images/train/0.jpg")[0] == 200
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "Error" not in err, err
+
+
+def test_only_loopback_binding_is_allowed() -> None:
+    for host in ("0.0.0.0", "192.168.1.10", "localhost", "::"):
+        with pytest.raises(ValueError):
+            DemoDataServer(n=5, host=host)
+    with DemoDataServer(n=5) as local:
+        assert local.url.startswith("http://127.0.0.1:")

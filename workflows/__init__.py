@@ -1,0 +1,1 @@
+"""The orchestrator: the ``cm3`` command line, Ray connection and the embedded demo."""

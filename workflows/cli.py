@@ -1,0 +1,173 @@
+"""The ``cm3`` command line. Thin: it parses and validates, then calls the rooms that do the work."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from cm3.pipeline.url_list import FORMATS, InputError
+
+app = typer.Typer(
+    name="cm3",
+    help="CM3Leon toolkit: ingest image-caption pairs, index them, train the decoder, generate.",
+    no_args_is_help=True,
+    add_completion=False,
+    rich_markup_mode=None,
+)
+demo_data_app = typer.Typer(help="The embedded demo data set: captioned synthetic shapes.", no_args_is_help=True)
+app.add_typer(demo_data_app, name="demo-data")
+
+EXIT_BAD_INPUT = 2
+
+
+def fail(message: str, code: int = EXIT_BAD_INPUT) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+@app.command()
+def ingest(
+    urls: Path = typer.Argument(..., help="URL list: .parquet, .csv, .tsv, .jsonl or .txt (one URL per line)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder for raw shards, their stats and the run summary."),
+    input_format: Optional[str] = typer.Option(None, help=f"Input format when the suffix does not say: {', '.join(FORMATS)}."),
+    url_col: Optional[str] = typer.Option(None, help="URL column (default: the first of url, URL, image_url)."),
+    caption_col: Optional[str] = typer.Option(None, help="Caption column (default: the first of caption, TEXT, text)."),
+    ray_address: Optional[str] = typer.Option(None, help="Ray cluster to join (host:port or 'auto'); default: start a local one."),
+    processes: Optional[int] = typer.Option(None, min=1, help="Shards downloaded at once (default: the cluster's CPUs)."),
+    threads: int = typer.Option(64, min=1, help="Download threads per shard."),
+    cpus_per_task: float = typer.Option(1.0, min=0.01, help="Ray CPUs reserved by each shard task."),
+    shard_rows: int = typer.Option(10_000, min=1, help="URLs per shard (bounds shard size and memory)."),
+    image_size: int = typer.Option(256, min=8, help="Output side in pixels (center crop)."),
+    resize_mode: str = typer.Option("center_crop", help="img2dataset resize mode: center_crop, border, keep_ratio, no."),
+    timeout: float = typer.Option(10.0, min=0.1, help="Seconds before a download times out."),
+    retries: int = typer.Option(0, min=0, help="Extra tries per URL inside a shard."),
+    max_shard_retry: int = typer.Option(1, min=0, help="Times Ray re-runs a shard task that failed."),
+    retry_failed: bool = typer.Option(False, "--retry-failed", help="Also re-download the rows that failed in complete shards."),
+    progress: bool = typer.Option(True, help="Show a progress bar."),
+) -> None:
+    """Download image-caption pairs with img2dataset on Ray, center-cropped to 256x256, into Parquet shards.
+
+    Re-running the same command resumes: complete shards are skipped, half-written ones redone.
+
+    Examples:
+
+      cm3 ingest urls.parquet --out data/raw
+
+      cm3 ingest laion_part0.parquet --url-col URL --caption-col TEXT --out data/raw --ray-address auto
+
+      cm3 ingest urls.jsonl --out data/raw --retry-failed
+    """
+    from cm3.pipeline.download import DownloadSettings, check_output_folder, run_download
+    from cm3.pipeline.summary import format_summary
+    from cm3.pipeline.url_list import open_url_list
+    from cm3.workflows.ray_session import connect
+
+    settings = DownloadSettings(
+        shard_rows=shard_rows,
+        image_size=image_size,
+        resize_mode=resize_mode,
+        timeout=timeout,
+        retries=retries,
+        thread_count=threads,
+    )
+    try:
+        spec = open_url_list(urls, input_format, url_col, caption_col)
+        check_output_folder(out, spec, settings)
+    except InputError as err:
+        fail(str(err))
+    if resize_mode not in ("center_crop", "border", "keep_ratio", "keep_ratio_largest", "no"):
+        fail(f"--resize-mode {resize_mode!r}: expected center_crop, border, keep_ratio, keep_ratio_largest or no")
+
+    import ray
+
+    connect(ray_address)
+    workers = processes or max(1, int(ray.cluster_resources().get("CPU", 1) // cpus_per_task))
+    result = run_download(
+        spec, out, settings,
+        processes=workers,
+        cpus_per_task=cpus_per_task,
+        max_shard_retry=max_shard_retry,
+        retry_failed=retry_failed,
+        progress=progress,
+    )
+    typer.echo(format_summary(result.summary))
+    typer.echo(f"summary: {out / 'ingest_summary.json'}")
+    if result.shards_failed:
+        fail(f"{len(result.shards_failed)} shard(s) failed; run the same command again to retry them", code=1)
+
+
+@demo_data_app.command("serve")
+def demo_data_serve(
+    n: int = typer.Option(2000, min=1, help="Images in the URL list."),
+    seed: int = typer.Option(0, help="Seed of the generator."),
+    split: str = typer.Option("train", help="train (held-out pairs excluded) or heldout (only those)."),
+    port: int = typer.Option(8765, min=0, max=65535, help="Port on 127.0.0.1 (0: any free port)."),
+    write_lists: Optional[Path] = typer.Option(None, help="Also write the URL lists (all formats) into this folder."),
+) -> None:
+    """Serve the demo images and URL lists on 127.0.0.1, with broken cases for tests, until Ctrl-C.
+
+    Examples:
+
+      cm3 demo-data serve --port 8765
+
+      cm3 demo-data serve --n 10000 --write-lists data/lists
+    """
+    from cm3.workflows.demo.server import serve_forever
+
+    serve_forever(n=n, seed=seed, split=split, port=port, write_lists_dir=write_lists)
+
+
+@demo_data_app.command("write-urls")
+def demo_data_write_urls(
+    path: Path = typer.Argument(..., help="Output list; the suffix picks the format (.parquet .csv .tsv .jsonl .txt)."),
+    base_url: str = typer.Option("http://127.0.0.1:8765", help="Where `cm3 demo-data serve` listens."),
+    n: int = typer.Option(2000, min=1, help="Rows."),
+    seed: int = typer.Option(0, help="Seed of the generator."),
+    split: str = typer.Option("train", help="train or heldout."),
+    broken: bool = typer.Option(False, "--broken", help="Append the broken cases (404, truncated JPEG, ...)."),
+) -> None:
+    """Write the demo URL list without starting a server.
+
+    Example:
+
+      cm3 demo-data write-urls lists/urls.parquet --n 500 --broken
+    """
+    from cm3.workflows.demo.server import write_url_list
+
+    try:
+        write_url_list(path, base_url, n, seed=seed, split=split, include_broken=broken)
+    except ValueError as err:
+        fail(str(err))
+    typer.echo(str(path))
+
+
+@app.command()
+def demo(
+    workdir: Path = typer.Option(Path("cm3-demo"), help="Where every stage writes; a stage whose output exists is skipped."),
+    n: int = typer.Option(2000, min=10, help="Training images to generate and ingest."),
+    fresh: bool = typer.Option(False, "--fresh", help="Delete the workdir first and start over."),
+    ray_address: Optional[str] = typer.Option(None, help="Ray cluster to join; default: start a local one."),
+) -> None:
+    """Run the pipeline end to end on the embedded demo data.
+
+    Today: generate and serve the demo data set over loopback, then `cm3 ingest` it on Ray.
+
+    Example:
+
+      cm3 demo --workdir runs/demo
+    """
+    from cm3.workflows.demo.run import run_demo
+
+    run_demo(workdir=workdir, n=n, fresh=fresh, ray_address=ray_address)
+
+
+def main() -> None:
+    """Console-script entry point (`cm3`)."""
+    app(prog_name="cm3")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

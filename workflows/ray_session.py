@@ -1,0 +1,47 @@
+"""Connecting to Ray: an existing cluster (``--ray-address``) or a local one with the dashboard on."""
+
+from __future__ import annotations
+
+import os
+from urllib.parse import urlparse
+
+import ray
+
+LOOPBACK = "127.0.0.1"
+
+
+def _is_loopback(address: str) -> bool:
+    host = urlparse(address if "://" in address else f"ray://{address}").hostname or ""
+    return host in ("127.0.0.1", "localhost", "::1")
+
+
+def connect(address: str | None = None, num_cpus: int | None = None, quiet: bool = False) -> str | None:
+    """Start or join Ray; returns the dashboard URL (printed unless ``quiet``).
+
+    ``address=None`` starts a local cluster bound to loopback with the dashboard on;
+    ``"auto"`` joins the cluster started on this machine by ``ray start``; ``host:port`` joins that head.
+    """
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if ray.is_initialized():
+        return None
+    kwargs: dict = {"log_to_driver": True, "configure_logging": False}
+    if address is None:
+        kwargs.update(
+            address="local",  # always a new cluster, never one that `ray start` left on this machine
+            include_dashboard=True,
+            dashboard_host=LOOPBACK,
+            _node_ip_address=LOOPBACK,
+            num_cpus=num_cpus,
+        )
+    else:
+        kwargs["address"] = address
+        if address == "auto" or _is_loopback(address):
+            kwargs["_node_ip_address"] = LOOPBACK
+    context = ray.init(**kwargs)
+    url = context.dashboard_url
+    if url and not url.startswith("http"):
+        url = f"http://{url}"
+    if not quiet:
+        where = "local Ray cluster" if address is None else f"Ray cluster at {address}"
+        print(f"Connected to the {where}; dashboard: {url or 'not running'}", flush=True)
+    return url
