@@ -1,0 +1,43 @@
+"""The package layout: rooms install as cm3 sub-packages; HF `tokenizers` is never shadowed; every command has help."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, cm3
+
+
+def test_hf_tokenizers_is_not_shadowed_from_the_repository_root():
+    code = (
+        "import tokenizers, cm3.tokenizers, open_clip;"
+        "print(tokenizers.__file__); print(list(cm3.tokenizers.__path__)[0]);"
+        "print(tokenizers.Tokenizer.__module__)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    hf_file, ours, tokenizer_module = proc.stdout.split()
+    assert "site-packages" in hf_file and not hf_file.startswith(str(REPO) + "/tokenizers")
+    assert ours == str(REPO / "tokenizers")
+    assert tokenizer_module.startswith("tokenizers")
+
+
+def test_rooms_are_subpackages_of_cm3():
+    import cm3.index
+    import cm3.model
+    import cm3.pipeline
+    import cm3.workflows
+
+    for module, folder in [(cm3.pipeline, "pipeline"), (cm3.index, "index"), (cm3.model, "model"),
+                           (cm3.workflows, "workflows")]:
+        assert module.__file__ == str(REPO / folder / "__init__.py")
+
+
+@pytest.mark.parametrize("command", [[], ["ingest"], ["demo"], ["demo-data"], ["demo-data", "serve"],
+                                     ["demo-data", "write-urls"]])
+def test_every_command_has_help_with_examples(command):
+    proc = cm3(*command, "--help", check=True)
+    assert "Usage: cm3" in proc.stdout
+    if command and command != ["demo-data"]:
+        assert "Example" in proc.stdout
