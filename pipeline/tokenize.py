@@ -1,0 +1,233 @@
+"""The tokenize stage of ``cm3 ingest`` (and ``cm3 tokenize``): raw shards -> token shards on Ray Data.
+
+Ray Data reads the raw Parquet shards; an actor pool (GPU actors when the cluster has GPUs)
+decodes each JPEG once, runs the VQ-GAN encoder and the BPE over a batch; the driver groups
+the results back by source shard and commits one token shard per raw shard, atomically and
+with the same numbering, so a killed run resumes shard by shard.
+
+Token shard ``NNNNN.parquet`` (one row per successfully tokenized image; see README):
+``key, url, caption, source_shard, text_ids (list<int32>: BPE ids), image_ids
+(fixed_size_list<int16>[tokens_per_image]: VQ code ids)``. Both id columns hold the tokenizers'
+own ids; ``Vocabulary`` maps them into the decoder's joint id space.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from tqdm import tqdm
+
+from cm3.pipeline import raw_shards
+from cm3.pipeline.url_list import InputError
+
+CONFIG_FILE = "tokenize_config.json"
+RAW_COLUMNS = ["key", "url", "caption", "jpg", "status"]
+
+
+def token_schema(tokens_per_image: int) -> pa.Schema:
+    return pa.schema([
+        ("key", pa.string()),
+        ("url", pa.string()),
+        ("caption", pa.string()),
+        ("source_shard", pa.int32()),
+        ("text_ids", pa.list_(pa.int32())),
+        ("image_ids", pa.list_(pa.int16(), tokens_per_image)),
+    ])
+
+
+def tokenizer_fingerprint(tokenizer_dir: Path) -> str:
+    """A digest of every file of the tokenizer artefact: token shards are only valid for that tokenizer."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in Path(tokenizer_dir).rglob("*") if p.is_file()):
+        digest.update(str(path.relative_to(tokenizer_dir)).encode())
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+class TokenizeBatch:
+    """Ray Data actor: decode images once, VQ-encode them in one batch, BPE-encode the captions.
+
+    Rows that cannot be tokenized come back with ``image_ids`` null and ``error`` set, so the
+    driver can count them by reason; nothing is dropped silently.
+    """
+
+    def __init__(self, tokenizer_dir: str, device: str = "cpu", torch_threads: int = 1):
+        import torch
+
+        from cm3.tokenizers.multimodal import MultimodalTokenizer
+
+        torch.set_num_threads(max(1, torch_threads))
+        self.tokenizer = MultimodalTokenizer.load(tokenizer_dir, device=device)
+        self.device = device
+        self.resolution = self.tokenizer.vq.config.resolution
+
+    def _decode(self, jpg: bytes | None) -> tuple[np.ndarray | None, str | None]:
+        from PIL import Image, UnidentifiedImageError
+
+        if jpg is None:
+            return None, "not downloaded"
+        try:
+            with Image.open(io.BytesIO(jpg)) as image:
+                image = image.convert("RGB")
+                if image.size != (self.resolution, self.resolution):
+                    return None, f"image is {image.size[0]}x{image.size[1]}, expected {self.resolution}x{self.resolution}"
+                return np.asarray(image), None
+        except (UnidentifiedImageError, OSError, ValueError) as err:
+            return None, f"undecodable image: {type(err).__name__}"
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        import torch
+
+        decoded = [self._decode(jpg) for jpg in batch.column("jpg").to_pylist()]
+        good = [i for i, (pixels, _) in enumerate(decoded) if pixels is not None]
+        codes: dict[int, np.ndarray] = {}
+        if good:
+            pixels = torch.from_numpy(np.stack([decoded[i][0] for i in good])).to(self.device)
+            images = pixels.permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+            flat = self.tokenizer.vq.encode(images).reshape(len(good), -1).cpu().numpy().astype(np.int16)
+            codes = dict(zip(good, flat))
+        captions = [c or "" for c in batch.column("caption").to_pylist()]
+        text_ids = self.tokenizer.text.encode_batch(captions)
+        source = [int(Path(p).name.split(".")[0]) for p in batch.column("path").to_pylist()]
+        return pa.table({
+            "key": batch.column("key"),
+            "url": batch.column("url"),
+            "caption": batch.column("caption"),
+            "source_shard": pa.array(source, pa.int32()),
+            "text_ids": pa.array(text_ids, pa.list_(pa.int32())),
+            "image_ids": pa.array([codes[i].tolist() if i in codes else None for i in range(batch.num_rows)],
+                                  pa.list_(pa.int16(), self.tokenizer.tokens_per_image)),
+            "error": pa.array([err for _, err in decoded], pa.string()),
+        })
+
+
+@dataclass
+class TokenizeResult:
+    shards_written: list[int] = field(default_factory=list)
+    shards_skipped_complete: int = 0
+    rows_tokenized: int = 0
+    skipped_by_reason: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def _check_folder(tokens_dir: Path, fingerprint: str, tokens_per_image: int) -> None:
+    path = tokens_dir / CONFIG_FILE
+    if path.exists():
+        previous = raw_shards.read_json(path)
+        if previous.get("tokenizer_sha256") != fingerprint:
+            raise InputError(
+                f"{tokens_dir}: holds token shards from another tokenizer (tokenizer_sha256 "
+                f"{previous.get('tokenizer_sha256', '?')[:12]} != {fingerprint[:12]}); choose another --out"
+            )
+    tokens_dir.mkdir(parents=True, exist_ok=True)
+    raw_shards.write_json_atomic(path, {"tokenizer_sha256": fingerprint, "tokens_per_image": tokens_per_image})
+
+
+def check_tokenize_inputs(raw_dir: Path, tokenizer_dir: Path) -> list[int]:
+    """Validate before any work; returns the complete raw shard ids."""
+    if not raw_dir.is_dir():
+        raise InputError(f"{raw_dir}: no such folder of raw shards")
+    shards = raw_shards.complete_shards(raw_dir)
+    if not shards:
+        raise InputError(f"{raw_dir}: no complete raw shards (NNNNN.parquet with NNNNN_stats.json); run cm3 ingest")
+    for name in ("vocabulary.json", "text/tokenizer.json", "vq/config.json"):
+        if not (tokenizer_dir / name).exists():
+            raise InputError(f"{tokenizer_dir}: not a cm3 tokenizer (missing {name}); build one with cm3 tokenizer build")
+    return shards
+
+
+def _commit_token_shard(tokens_dir: Path, shard_id: int, rows: list[pa.Table], schema: pa.Schema,
+                        stats: dict) -> None:
+    attempt = raw_shards.new_attempt_dir(tokens_dir, shard_id)
+    table = pa.concat_tables(rows).select(schema.names).cast(schema) if rows else schema.empty_table()
+    table = table.sort_by("key")
+    pq.write_table(table, attempt / raw_shards.parquet_path(tokens_dir, shard_id).name)
+    raw_shards.write_json_atomic(attempt / raw_shards.stats_path(tokens_dir, shard_id).name, stats)
+    raw_shards.commit_shard(attempt, tokens_dir, shard_id)
+
+
+def run_tokenize(raw_dir: Path, tokens_dir: Path, tokenizer_dir: Path, *, batch_size: int = 32,
+                 encoders: int | None = None, cpus_per_encoder: float = 1.0, progress: bool = True) -> TokenizeResult:
+    """Tokenize every complete raw shard that has no complete token shard yet (needs a Ray connection)."""
+    import ray
+
+    from cm3.tokenizers.multimodal import MultimodalTokenizer
+
+    raw_dir, tokens_dir, tokenizer_dir = Path(raw_dir), Path(tokens_dir), Path(tokenizer_dir)
+    shards = check_tokenize_inputs(raw_dir, tokenizer_dir)
+    tokens_per_image = MultimodalTokenizer.load(tokenizer_dir).tokens_per_image
+    _check_folder(tokens_dir, tokenizer_fingerprint(tokenizer_dir), tokens_per_image)
+    raw_shards.clear_staging(tokens_dir)
+    done = set(raw_shards.complete_shards(tokens_dir))
+    pending = [s for s in shards if s not in done]
+    result = TokenizeResult(shards_skipped_complete=len(shards) - len(pending))
+    if not pending:
+        return result
+
+    gpus = ray.cluster_resources().get("GPU", 0)
+    if encoders is None:
+        encoders = int(gpus) if gpus >= 1 else max(1, int(ray.cluster_resources().get("CPU", 1) // 2))
+    expected = {s: raw_shards.read_stats(raw_dir, s)["count"] for s in pending}
+    schema = token_schema(tokens_per_image)
+    for shard_id in [s for s in pending if expected[s] == 0]:  # nothing will flow through Ray Data for these
+        _commit_token_shard(tokens_dir, shard_id, [], schema, {"count": 0, "tokenized": 0, "skipped_by_reason": {},
+                                                               "tokens_per_image": tokens_per_image})
+        result.shards_written.append(shard_id)
+        pending.remove(shard_id)
+
+    started = time.time()
+    dataset = ray.data.read_parquet(
+        [str(raw_shards.parquet_path(raw_dir, s)) for s in pending], columns=RAW_COLUMNS, include_paths=True
+    ).map_batches(
+        TokenizeBatch,
+        fn_constructor_kwargs={"tokenizer_dir": str(tokenizer_dir.resolve()), "device": "cuda" if gpus >= 1 else "cpu",
+                               "torch_threads": max(1, int(cpus_per_encoder))},
+        batch_size=batch_size,
+        batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=encoders),
+        num_gpus=1 if gpus >= 1 else 0,
+        num_cpus=cpus_per_encoder,
+    )
+    rows: dict[int, list[pa.Table]] = defaultdict(list)
+    seen: Counter = Counter()
+    reasons: dict[int, Counter] = defaultdict(Counter)
+    bar = tqdm(total=sum(expected.values()), desc="tokenize", unit="img", disable=not progress, dynamic_ncols=True)
+    for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
+        for shard_id in set(batch.column("source_shard").to_pylist()):
+            part = batch.filter(pc.equal(batch.column("source_shard"), shard_id))
+            errors = part.column("error").to_pylist()
+            reasons[shard_id].update(e for e in errors if e is not None)
+            ok = part.filter(pc.is_null(part.column("error")))
+            if ok.num_rows:
+                rows[shard_id].append(ok)
+            seen[shard_id] += part.num_rows
+            bar.update(part.num_rows)
+            if seen[shard_id] == expected[shard_id]:
+                tokenized = sum(t.num_rows for t in rows[shard_id])
+                stats = {"count": expected[shard_id], "tokenized": tokenized,
+                         "skipped_by_reason": dict(reasons[shard_id]), "tokens_per_image": tokens_per_image}
+                _commit_token_shard(tokens_dir, shard_id, rows.pop(shard_id), schema, stats)
+                result.shards_written.append(shard_id)
+                result.rows_tokenized += tokenized
+    bar.close()
+    raw_shards.clear_staging(tokens_dir)
+    missing = sorted(set(pending) - set(result.shards_written))
+    if missing:
+        raise RuntimeError(f"tokenize: shards {missing} did not receive all their rows; run again to resume")
+    total = Counter()
+    for shard_reasons in reasons.values():
+        total.update(shard_reasons)
+    result.skipped_by_reason = dict(total)
+    result.seconds = time.time() - started
+    return result
