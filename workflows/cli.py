@@ -19,6 +19,8 @@ app = typer.Typer(
 )
 demo_data_app = typer.Typer(help="The embedded demo data set: captioned synthetic shapes.", no_args_is_help=True)
 app.add_typer(demo_data_app, name="demo-data")
+tokenizer_app = typer.Typer(help="Train and assemble the image (VQ-GAN) and text (BPE) tokenizers.", no_args_is_help=True)
+app.add_typer(tokenizer_app, name="tokenizer")
 
 EXIT_BAD_INPUT = 2
 
@@ -97,6 +99,94 @@ def ingest(
     typer.echo(f"summary: {out / 'ingest_summary.json'}")
     if result.shards_failed:
         fail(f"{len(result.shards_failed)} shard(s) failed; run the same command again to retry them", code=1)
+
+
+@tokenizer_app.command("train-text")
+def tokenizer_train_text(
+    data: Path = typer.Option(..., help="Raw shards folder (cm3 ingest output) or one Parquet file."),
+    out: Path = typer.Option(..., help="Where to write tokenizer.json."),
+    vocab_size: int = typer.Option(8192, min=300, help="BPE vocabulary size (the paper used 56,320)."),
+    caption_col: str = typer.Option("caption", help="Caption column."),
+) -> None:
+    """Train a byte-level BPE text tokenizer on the shards' captions.
+
+    Example:
+
+      cm3 tokenizer train-text --data data/raw --out tok/tokenizer.json --vocab-size 8192
+    """
+    from cm3.tokenizers.text import train_from_shards
+
+    try:
+        tokenizer = train_from_shards(data, vocab_size, caption_col)
+    except (ValueError, FileNotFoundError) as err:
+        fail(str(err))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(out)
+    typer.echo(f"{out}: {tokenizer.vocab_size} tokens")
+
+
+@tokenizer_app.command("build")
+def tokenizer_build(
+    text: Path = typer.Option(..., help="A tokenizer.json (from train-text, or any Hugging Face one)."),
+    vq: Path = typer.Option(..., help="A VQ-GAN folder (from train-vq, or VQGAN.save_pretrained)."),
+    out: Path = typer.Option(..., help="Folder for the joint tokenizer artefact."),
+) -> None:
+    """Join a text tokenizer and a VQ-GAN into one artefact with one id space (MultimodalTokenizer).
+
+    Example:
+
+      cm3 tokenizer build --text tok/tokenizer.json --vq vq/ --out tokenizer/
+    """
+    from cm3.tokenizers.multimodal import MultimodalTokenizer
+    from cm3.tokenizers.text import TextTokenizer
+    from cm3.tokenizers.vqgan import VQGAN
+
+    for path in (text, vq):
+        if not path.exists():
+            fail(f"{path}: no such file or folder")
+    tokenizer = MultimodalTokenizer(TextTokenizer.from_file(text), VQGAN.from_pretrained(vq))
+    tokenizer.save(out)
+    vocab = tokenizer.vocab
+    typer.echo(f"{out}: {vocab.size} ids (text {vocab.text_vocab_size} from {vocab.text_offset}, "
+               f"image {vocab.image_vocab_size} from {vocab.image_offset}), {tokenizer.tokens_per_image} tokens/image")
+
+
+@app.command()
+def tokenize(
+    raw: Path = typer.Argument(..., help="Raw shards folder written by cm3 ingest."),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder for token shards."),
+    tokenizer: Path = typer.Option(..., help="Tokenizer folder (cm3 tokenizer build)."),
+    ray_address: Optional[str] = typer.Option(None, help="Ray cluster to join; default: start a local one."),
+    batch_size: int = typer.Option(32, min=1, help="Images per VQ-encoder call."),
+    encoders: Optional[int] = typer.Option(None, min=1, help="VQ-encoder actors (default: one per GPU, else CPUs/2)."),
+    cpus_per_encoder: float = typer.Option(1.0, min=0.1, help="Ray CPUs (and torch threads) per encoder actor."),
+    progress: bool = typer.Option(True, help="Show a progress bar."),
+) -> None:
+    """Turn raw shards into token shards: VQ codes per image, BPE ids per caption (Ray Data, resumable).
+
+    Examples:
+
+      cm3 tokenize data/raw --out data/tokens --tokenizer tokenizer/
+
+      cm3 tokenize data/raw --out data/tokens --tokenizer tokenizer/ --ray-address auto --encoders 8
+    """
+    from cm3.pipeline.tokenize import check_tokenize_inputs, run_tokenize
+    from cm3.workflows.ray_session import connect
+
+    try:
+        check_tokenize_inputs(raw, tokenizer)
+    except InputError as err:
+        fail(str(err))
+    connect(ray_address)
+    try:
+        result = run_tokenize(raw, out, tokenizer, batch_size=batch_size, encoders=encoders,
+                              cpus_per_encoder=cpus_per_encoder, progress=progress)
+    except InputError as err:
+        fail(str(err))
+    typer.echo(f"token shards: {len(result.shards_written)} written, {result.shards_skipped_complete} already complete; "
+               f"{result.rows_tokenized} images tokenized in {result.seconds:.1f} s")
+    if result.skipped_by_reason:
+        typer.echo("skipped: " + ", ".join(f"{reason}: {n}" for reason, n in result.skipped_by_reason.items()))
 
 
 @demo_data_app.command("serve")

@@ -1,0 +1,197 @@
+"""`cm3 clip train`: a small OpenCLIP model trained from scratch on raw shards.
+
+The paper retrieves with a frozen pretrained CLIP; machines without internet (the demo, tests,
+CI) cannot download one, so this trains a tiny one on the ingested pairs and writes a checkpoint
+that ``open_clip.create_model_and_transforms(model_name, pretrained=<file>)`` loads like any other.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import random
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import torch
+from open_clip.loss import ClipLoss
+from PIL import Image
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from cm3.index.clip_embedder import TRAINED_CONFIG_FILE, check_model_source, normalise
+from cm3.pipeline import raw_shards
+
+CHECKPOINT_FILE = "open_clip_model.safetensors"
+MAX_LOGIT_SCALE = math.log(100)  # OpenCLIP's clamp on the learned temperature
+
+
+def load_pairs(data: Path) -> tuple[list[str], list[bytes]]:
+    """(captions, JPEG bytes) of the successful rows of every complete raw shard in ``data``."""
+    captions: list[str] = []
+    jpegs: list[bytes] = []
+    for shard_id in raw_shards.complete_shards(data):
+        table = pq.read_table(raw_shards.parquet_path(data, shard_id), columns=["caption", "jpg", "status"])
+        ok = pc.and_(pc.equal(table["status"], "success"), pc.is_valid(table["jpg"]))
+        ok = pc.and_(ok, pc.is_valid(table["caption"]))
+        table = table.filter(ok)
+        captions += table["caption"].to_pylist()
+        jpegs += table["jpg"].to_pylist()
+    if len(captions) < 2:
+        raise ValueError(f"{data}: {len(captions)} usable image-caption pairs in complete shards; need at least 2")
+    return captions, jpegs
+
+
+def _pixels(jpegs: list[bytes], preprocess) -> torch.Tensor:
+    return torch.stack([preprocess(Image.open(io.BytesIO(jpeg)).convert("RGB")) for jpeg in jpegs])
+
+
+def _embed(model, tokenizer, preprocess, captions, jpegs, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Unit image and text vectors of pairs, in eval mode and without gradients."""
+    images, texts = [], []
+    with torch.no_grad():
+        for start in range(0, len(captions), batch_size):
+            images.append(model.encode_image(_pixels(jpegs[start:start + batch_size], preprocess)).numpy())
+            texts.append(model.encode_text(tokenizer(captions[start:start + batch_size])).numpy())
+    return normalise(np.concatenate(images)), normalise(np.concatenate(texts))
+
+
+def recall_at(similarity: np.ndarray, ks: tuple[int, ...] = (1, 5)) -> dict[str, float]:
+    """Share of queries (rows) whose own item (the diagonal) ranks within the top k."""
+    own = np.diag(similarity)[:, None]
+    rank = (similarity > own).sum(axis=1)
+    return {f"r@{k}": float((rank < k).mean()) for k in ks}
+
+
+def evaluate(model, tokenizer, preprocess, captions, jpegs, batch_size: int) -> dict[str, float]:
+    """Held-out contrastive loss (batch by batch, as in training) and retrieval recall."""
+    model.eval()
+    images, texts = _embed(model, tokenizer, preprocess, captions, jpegs, batch_size)
+    scale = float(model.logit_scale.exp())
+    losses = []
+    for start in range(0, len(captions), batch_size):
+        img, txt = (torch.from_numpy(v[start:start + batch_size]) for v in (images, texts))
+        if len(img) > 1:
+            losses.append(float(ClipLoss()(img, txt, scale)))
+    similarity = texts @ images.T
+    report = {"loss": float(np.mean(losses))}
+    report |= {f"text_to_image_{k}": v for k, v in recall_at(similarity).items()}
+    report |= {f"image_to_text_{k}": v for k, v in recall_at(similarity.T).items()}
+    return report
+
+
+def save_checkpoint_atomic(model: torch.nn.Module, path: Path) -> None:
+    """A safetensors state dict that readers see whole or not at all."""
+    staged = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    state = {name: tensor.detach().contiguous().cpu() for name, tensor in model.state_dict().items()}
+    save_file(state, str(staged))
+    os.replace(staged, path)
+
+
+def _cosine_lr(base_lr: float, progress: float, warmup: float) -> float:
+    """Linear warm-up over the first ``warmup`` of training, then cosine decay to zero."""
+    if progress < warmup:
+        return base_lr * (progress + 1e-3) / warmup
+    return base_lr * 0.5 * (1 + math.cos(math.pi * min(1.0, (progress - warmup) / (1 - warmup))))
+
+
+def train_clip(
+    data: str | Path,
+    out_dir: str | Path,
+    model_name: str = "cm3-clip-tiny",
+    steps: int = 600,
+    batch_size: int = 128,
+    lr: float = 1e-3,
+    weight_decay: float = 0.1,
+    warmup: float = 0.05,
+    holdout_fraction: float = 0.1,
+    seconds_budget: float | None = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict:
+    """Train ``model_name`` from random init with OpenCLIP's contrastive loss; return the report.
+
+    The cosine schedule runs over ``steps`` or ``seconds_budget``, whichever ends first, so a time
+    budget still ends at a low learning rate. Writes ``out_dir/open_clip_model.safetensors`` and
+    ``out_dir/clip_config.json`` (model name, checkpoint file name, report).
+    """
+    data, out_dir = Path(data), Path(out_dir)
+    check_model_source(model_name, None)
+    captions, jpegs = load_pairs(data)
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    order = np.random.default_rng(seed).permutation(len(captions))
+    n_held = min(len(captions) // 2, max(2, round(len(captions) * holdout_fraction)))
+    held, train = order[:n_held], order[n_held:]
+    held_captions, held_jpegs = [captions[i] for i in held], [jpegs[i] for i in held]
+
+    model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(model_name, pretrained=None)
+    tokenizer = open_clip.get_tokenizer(model_name)
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=lr
+    )
+    loss_fn = ClipLoss()
+    before = evaluate(model, tokenizer, preprocess_val, held_captions, held_jpegs, batch_size)
+
+    batch_size = min(batch_size, len(train))
+    rng = np.random.default_rng(seed)
+    started = time.monotonic()
+    step, losses, queue = 0, [], np.array([], dtype=np.int64)
+    bar = tqdm(total=steps, desc="clip train", disable=not progress)
+    model.train()
+    while step < steps:
+        elapsed = time.monotonic() - started
+        done = max(step / steps, elapsed / seconds_budget if seconds_budget else 0.0)
+        if done >= 1.0:
+            break
+        if len(queue) < batch_size:
+            queue = np.concatenate([queue, rng.permutation(train)])
+        batch, queue = queue[:batch_size], queue[batch_size:]
+        for group in optimizer.param_groups:
+            group["lr"] = _cosine_lr(lr, done, warmup)
+        pixels = _pixels([jpegs[i] for i in batch], preprocess_train)
+        tokens = tokenizer([captions[i] for i in batch])
+        image_features, text_features, logit_scale = model(pixels, tokens)
+        loss = loss_fn(image_features, text_features, logit_scale)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+        losses.append(float(loss))
+        step += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    bar.close()
+    train_seconds = time.monotonic() - started
+
+    after = evaluate(model, tokenizer, preprocess_val, held_captions, held_jpegs, batch_size)
+    head = max(1, min(10, len(losses) // 5))
+    report = {
+        "model_name": model_name,
+        "pairs": len(captions),
+        "train_pairs": len(train),
+        "heldout_pairs": n_held,
+        "steps": step,
+        "batch_size": batch_size,
+        "train_seconds": round(train_seconds, 1),
+        "train_loss_first": float(np.mean(losses[:head])) if losses else None,
+        "train_loss_last": float(np.mean(losses[-head:])) if losses else None,
+        "heldout_before": before,
+        "heldout": after,
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_checkpoint_atomic(model, out_dir / CHECKPOINT_FILE)
+    raw_shards.write_json_atomic(
+        out_dir / TRAINED_CONFIG_FILE, {"model_name": model_name, "checkpoint": CHECKPOINT_FILE, "report": report}
+    )
+    return report

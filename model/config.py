@@ -1,0 +1,107 @@
+"""The decoder's shape and its training constants in one small dataclass, plus the paper's presets.
+
+Sizes, learning rates, warm-up, batch and tokens seen are CM3Leon's (Table in `shared/docs/cm3leon.md`); heads,
+activation, AdamW betas, weight decay and the linear decay to 10% are OPT/metaseq defaults the paper does not state.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+# Chameleon's single joint vocabulary (text BPE + 8192 image codes + specials). CM3Leon's BPE alone has 56,320;
+# 65,536 leaves room for its image codes and special tokens. Pass the real `Vocabulary.size` when you have one.
+DEFAULT_VOCAB_SIZE = 65_536
+ACTIVATIONS = ("relu", "swiglu")
+POSITIONS = ("learned", "rope")
+
+
+@dataclass
+class CM3Config:
+    vocab_size: int
+    n_layers: int
+    d_model: int
+    n_heads: int
+    max_seq_len: int = 4096
+    mlp_ratio: int = 4
+    activation: str = "relu"  # OPT's; "swiglu" (Llama/Chameleon) keeps the parameter count with a 2/3 hidden size
+    qk_norm: bool = False  # parameter-free LayerNorm on queries and keys per head (Chameleon: needed at scale)
+    positions: str = "learned"  # paper: learned absolute; "rope" rotates queries and keys instead
+    rope_theta: float = 10_000.0
+    init_std: float = 0.006  # truncated normal cut at 3 std; out-projections start at 0
+    pos_init_std: float = 0.0002
+    # metaseq/OPT share input and output embeddings; only then do the presets' sizes match their names
+    # (350m: 373M tied vs 440M untied at vocab 65,536). Set False for Chameleon-style untied heads.
+    tie_embeddings: bool = True
+    # Optimisation and schedule: AdamW, linear warm-up then linear decay to lr * min_lr_ratio at train_tokens.
+    lr: float = 6e-4
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 1500
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = 1.0
+    batch_tokens: int = 8 * 2**20
+    train_tokens: int = 1_400_000_000_000
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "n_layers", "d_model", "n_heads", "max_seq_len", "mlp_ratio"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
+        if self.positions not in POSITIONS:
+            raise ValueError(f"positions must be one of {POSITIONS}, got {self.positions!r}")
+        if self.positions == "rope" and self.head_dim % 2:
+            raise ValueError(f"rope needs an even head_dim, got {self.head_dim}")
+        self.betas = tuple(self.betas)
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def mlp_hidden(self) -> int:
+        """ReLU: mlp_ratio * d. SwiGLU has three matrices, so 2/3 of that (rounded up to 8) keeps the same size."""
+        hidden = self.mlp_ratio * self.d_model
+        return hidden if self.activation == "relu" else -(-2 * hidden // 3 // 8) * 8
+
+    @classmethod
+    def from_preset(cls, name: str, vocab_size: int = DEFAULT_VOCAB_SIZE, **overrides: Any) -> CM3Config:
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
+        return cls.from_dict({**PRESETS[name], "vocab_size": vocab_size, **overrides})
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CM3Config:
+        names = [f.name for f in fields(cls)]
+        if unknown := sorted(set(data) - set(names)):
+            raise ValueError(f"unknown config field(s) {unknown}; known: {names}")
+        return cls(**data)
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # Trains in minutes on a CPU: for the demo and for tests.
+    "tiny": dict(n_layers=4, d_model=256, n_heads=4, max_seq_len=512, lr=1e-3, warmup_steps=100,
+                 batch_tokens=16 * 512, train_tokens=50_000_000),
+    "350m": dict(n_layers=24, d_model=1024, n_heads=16, lr=6e-4, train_tokens=1_400_000_000_000),
+    "760m": dict(n_layers=24, d_model=1536, n_heads=24, lr=5e-4, train_tokens=1_900_000_000_000),
+    "7b": dict(n_layers=32, d_model=4096, n_heads=32, lr=1.2e-4, train_tokens=2_400_000_000_000),
+}
+
+
+def num_parameters(config: CM3Config, include_embeddings: bool = True) -> int:
+    """Analytic parameter count; "embeddings" are the token and position tables and an untied output projection."""
+    d = config.d_model
+    mlp = (2 if config.activation == "relu" else 3) * d * config.mlp_hidden
+    blocks = config.n_layers * (4 * d * d + mlp)
+    if not include_embeddings:
+        return blocks
+    positions = config.max_seq_len * d if config.positions == "learned" else 0
+    output = 0 if config.tie_embeddings else config.vocab_size * d
+    return blocks + config.vocab_size * d + positions + output

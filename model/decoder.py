@@ -1,0 +1,238 @@
+"""The CM3Leon decoder: one OPT/metaseq-style transformer over the joint text+image vocabulary.
+
+Pre-LN blocks, no biases, no dropout, LayerNorm without parameters, learned absolute positions (or RoPE),
+ReLU MLP (or SwiGLU). A static, preallocated KV cache serves prefill and token-by-token decoding.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .config import CM3Config
+
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+
+
+class KVCache:
+    """Keys and values of every layer, allocated once for `max_len` positions: decoding writes in place.
+
+    Rows are batch rows; `repeat`/`reorder` build the cond/uncond row layouts that guidance needs.
+    """
+
+    def __init__(self, batch: int, max_len: int, n_layers: int, n_heads: int, head_dim: int,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+        shape = (n_layers, batch, n_heads, max_len, head_dim)
+        self.keys = torch.zeros(shape, dtype=dtype, device=device)
+        self.values = torch.zeros(shape, dtype=dtype, device=device)
+
+    @property
+    def batch(self) -> int:
+        return self.keys.shape[1]
+
+    @property
+    def max_len(self) -> int:
+        return self.keys.shape[3]
+
+    def update(self, layer: int, start_pos: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write positions [start_pos, start_pos + T) of one layer; return that layer's keys/values [0, end)."""
+        end = start_pos + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} positions; writing up to {end}")
+        self.keys[layer, :, :, start_pos:end] = k
+        self.values[layer, :, :, start_pos:end] = v
+        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
+
+    def reset(self) -> None:
+        self.keys.zero_()
+        self.values.zero_()
+
+    def copy(self) -> KVCache:
+        return self._with(self.keys.clone(), self.values.clone())
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Keep/permute/duplicate batch rows in place: row i becomes old row index[i] (beam search, CFG)."""
+        index = index.to(self.keys.device)
+        self.keys = self.keys.index_select(1, index)
+        self.values = self.values.index_select(1, index)
+
+    def repeat(self, n: int) -> KVCache:
+        """A new cache with the rows tiled n times ([a, b] -> [a, b, a, b]), e.g. one prompt for cond and uncond."""
+        return self._with(self.keys.repeat(1, n, 1, 1, 1), self.values.repeat(1, n, 1, 1, 1))
+
+    @classmethod
+    def _with(cls, keys: torch.Tensor, values: torch.Tensor) -> KVCache:
+        cache = cls.__new__(cls)
+        cache.keys, cache.values = keys, values
+        return cache
+
+
+def rope_angles(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin [T, head_dim/2] in float32, computed per call so they never get cast to bf16 with the model."""
+    inv_freq = theta ** (-torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
+    angles = positions.float()[:, None] * inv_freq[None, :]
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the two halves of each head (GPT-NeoX layout) of x [B, H, T, head_dim]."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).type_as(x)
+
+
+def causal_kwargs(q_len: int, k_len: int, device: torch.device) -> dict:
+    """SDPA masking for queries at the last q_len of k_len positions (`is_causal` alone aligns them top-left)."""
+    if q_len == 1:
+        return {}  # one new token sees every cached position
+    if q_len == k_len:
+        return {"is_causal": True}
+    mask = torch.ones(q_len, k_len, dtype=torch.bool, device=device).tril(diagonal=k_len - q_len)
+    return {"attn_mask": mask}
+
+
+class Attention(nn.Module):
+    def __init__(self, config: CM3Config, layer: int):
+        super().__init__()
+        self.layer, self.n_heads, self.head_dim = layer, config.n_heads, config.head_dim
+        self.qkv = nn.Linear(config.d_model, 3 * config.d_model, bias=False)
+        self.out = nn.Linear(config.d_model, config.d_model, bias=False)
+        self.q_norm = nn.LayerNorm(config.head_dim, elementwise_affine=False) if config.qk_norm else None
+        self.k_norm = nn.LayerNorm(config.head_dim, elementwise_affine=False) if config.qk_norm else None
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
+                kv_cache: KVCache | None, start_pos: int) -> torch.Tensor:
+        B, T, _ = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if kv_cache is not None:
+            k, v = kv_cache.update(self.layer, start_pos, k, v)
+        y = F.scaled_dot_product_attention(q, k, v, **causal_kwargs(T, k.shape[2], x.device))
+        return self.out(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: CM3Config):
+        super().__init__()
+        hidden = config.mlp_hidden
+        self.up = nn.Linear(config.d_model, hidden, bias=False)
+        self.gate = nn.Linear(config.d_model, hidden, bias=False) if config.activation == "swiglu" else None
+        self.down = nn.Linear(hidden, config.d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.up(x)
+        h = F.relu(h) if self.gate is None else F.silu(self.gate(x)) * h
+        return self.down(h)
+
+
+class Block(nn.Module):
+    def __init__(self, config: CM3Config, layer: int):
+        super().__init__()
+        self.attn_norm = nn.LayerNorm(config.d_model, elementwise_affine=False)
+        self.attn = Attention(config, layer)
+        self.mlp_norm = nn.LayerNorm(config.d_model, elementwise_affine=False)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
+                kv_cache: KVCache | None, start_pos: int) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), rope, kv_cache, start_pos)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class CM3(nn.Module):
+    def __init__(self, config: CM3Config):
+        super().__init__()
+        self.config = config
+        self.tok_emb = nn.Embedding(config.vocab_size, config.d_model)
+        self.pos_emb = nn.Embedding(config.max_seq_len, config.d_model) if config.positions == "learned" else None
+        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
+        self.norm = nn.LayerNorm(config.d_model, elementwise_affine=False)
+        # Tied (metaseq/OPT) by default: logits reuse tok_emb.weight, and the checkpoint holds that matrix once.
+        self.lm_head = None if config.tie_embeddings else nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """metaseq's "full megatron init": every matrix truncated normal (std, cut at 3 std), positions with
+        their own small std, and the layers writing into the residual stream at 0 so each block starts as identity."""
+        std = self.config.init_std
+        for weight in self.parameters():  # every parameter is a matrix: no biases, no LayerNorm affines
+            nn.init.trunc_normal_(weight, mean=0.0, std=std, a=-3 * std, b=3 * std)
+        if self.pos_emb is not None:
+            pos_std = self.config.pos_init_std
+            nn.init.trunc_normal_(self.pos_emb.weight, mean=0.0, std=pos_std, a=-3 * pos_std, b=3 * pos_std)
+        for block in self.blocks:
+            nn.init.zeros_(block.attn.out.weight)
+            nn.init.zeros_(block.mlp.down.weight)
+
+    def forward(self, ids: torch.Tensor, *, kv_cache: KVCache | None = None, start_pos: int = 0) -> torch.Tensor:
+        """ids [B, T] at positions [start_pos, start_pos + T) -> float32 logits [B, T, vocab].
+
+        With `kv_cache`, keys/values of these positions are written to it and earlier ones are read from it.
+        """
+        T = ids.shape[1]
+        if start_pos + T > self.config.max_seq_len:
+            raise ValueError(f"positions up to {start_pos + T} exceed max_seq_len {self.config.max_seq_len}")
+        if start_pos and kv_cache is None:
+            raise ValueError("start_pos > 0 needs the kv_cache that holds positions [0, start_pos)")
+        positions = torch.arange(start_pos, start_pos + T, device=ids.device)
+        x = self.tok_emb(ids)
+        rope = None
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(positions)
+        else:
+            rope = rope_angles(positions, self.config.head_dim, self.config.rope_theta)
+        for block in self.blocks:
+            x = block(x, rope, kv_cache, start_pos)
+        weight = self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(self.norm(x), weight).float()
+
+    def new_kv_cache(self, batch: int, max_len: int | None = None) -> KVCache:
+        """An empty cache in this model's dtype and device, for up to max_len (default max_seq_len) positions."""
+        c = self.config
+        weight = self.tok_emb.weight
+        return KVCache(batch, max_len or c.max_seq_len, c.n_layers, c.n_heads, c.head_dim, weight.dtype, weight.device)
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """Write model.safetensors then config.json, each via a temp name + os.replace: a directory with a
+        config.json always holds complete weights."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors = {name: t.detach().contiguous() for name, t in self.state_dict().items()}
+        _atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+        text = json.dumps(self.config.to_dict(), indent=2)
+        _atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, *, device: torch.device | str = "cpu",
+                        dtype: torch.dtype | None = None, expected_vocab_size: int | None = None) -> CM3:
+        """Load a `save_pretrained` directory (safetensors only: nothing is unpickled)."""
+        directory = Path(directory)
+        config_path = directory / CONFIG_NAME
+        if not config_path.is_file():
+            raise FileNotFoundError(f"{config_path} not found: not a saved CM3 checkpoint (or an unfinished save)")
+        config = CM3Config.from_dict(json.loads(config_path.read_text()))
+        if expected_vocab_size is not None and config.vocab_size != expected_vocab_size:
+            raise ValueError(f"checkpoint {directory} has vocab_size {config.vocab_size} but the vocabulary in use "
+                             f"has {expected_vocab_size}; the tokenizer and the model must match")
+        with torch.device("meta"):  # no memory and no random init for weights about to be replaced
+            model = cls(config)
+        model.load_state_dict(load_file(directory / WEIGHTS_NAME, device=str(device)), assign=True)
+        return model if dtype is None else model.to(dtype)
+
+
+def _atomic_write(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(str(tmp))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

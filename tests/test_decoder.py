@@ -1,0 +1,190 @@
+"""The decoder: shapes, presets and their sizes, the paper's init, KV-cache decoding, checkpoints, and training."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from cm3.model.config import PRESETS, CM3Config, num_parameters
+from cm3.model.decoder import CM3, KVCache
+from cm3.model.objective import cm3_loss
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These models are tiny: on a busy 2-core machine OpenMP threads spin and make them ~30x slower, not faster."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def small_config(**overrides) -> CM3Config:
+    return CM3Config.from_dict({"vocab_size": 97, "n_layers": 2, "d_model": 64, "n_heads": 4, "max_seq_len": 64,
+                                **overrides})
+
+
+def randomized(config: CM3Config, seed: int = 0) -> CM3:
+    """A model whose out-projections are not zero: at init every block is the identity, which hides bugs."""
+    torch.manual_seed(seed)
+    model = CM3(config).eval()
+    with torch.no_grad():
+        for weight in model.parameters():
+            weight.normal_(0.0, 0.08)
+    return model
+
+
+def test_logits_shape_and_dtype():
+    model = CM3(small_config())
+    ids = torch.randint(0, 97, (3, 11))
+    logits = model(ids)
+    assert logits.shape == (3, 11, 97) and logits.dtype == torch.float32
+    assert model.to(torch.bfloat16)(ids).dtype == torch.float32  # bf16 weights, float32 logits
+
+
+def test_positions_past_max_seq_len_raise():
+    model = CM3(small_config(max_seq_len=8))
+    with pytest.raises(ValueError, match="max_seq_len"):
+        model(torch.zeros(1, 9, dtype=torch.long))
+    with pytest.raises(ValueError, match="kv_cache"):
+        model(torch.zeros(1, 2, dtype=torch.long), start_pos=3)
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_preset_parameter_counts_match_the_built_model(name):
+    config = CM3Config.from_preset(name)
+    with torch.device("meta"):  # shapes only: even 7b costs no memory
+        model = CM3(config)
+    built = sum(p.numel() for p in model.parameters())
+    print(f"{name}: {built / 1e6:,.1f}M parameters ({num_parameters(config, False) / 1e6:,.1f}M without embeddings), "
+          f"vocab {config.vocab_size}")
+    assert built == num_parameters(config)
+
+
+@pytest.mark.parametrize("overrides", [dict(activation="swiglu"), dict(positions="rope", tie_embeddings=False)])
+def test_option_parameter_counts_match_the_built_model(overrides):
+    config = small_config(**overrides)
+    assert sum(p.numel() for p in CM3(config).parameters()) == num_parameters(config)
+
+
+def test_preset_sizes_match_their_names():
+    assert num_parameters(CM3Config.from_preset("350m")) == pytest.approx(350e6, rel=0.15)
+    assert num_parameters(CM3Config.from_preset("760m")) == pytest.approx(760e6, rel=0.15)
+    assert num_parameters(CM3Config.from_preset("7b")) == pytest.approx(7e9, rel=0.15)
+    big = CM3Config.from_preset("7b", vocab_size=1000, n_heads=64)
+    assert (big.vocab_size, big.n_heads, big.head_dim, big.lr, big.warmup_steps) == (1000, 64, 64, 1.2e-4, 1500)
+
+
+def test_unknown_preset_and_bad_config_raise():
+    with pytest.raises(ValueError, match="tiny, 350m, 760m, 7b"):
+        CM3Config.from_preset("13b")
+    with pytest.raises(ValueError, match="unknown config field"):
+        CM3Config.from_preset("tiny", n_layer=3)
+    with pytest.raises(ValueError, match="divisible"):
+        small_config(n_heads=5)
+    with pytest.raises(ValueError, match="activation"):
+        small_config(activation="gelu")
+
+
+def test_config_round_trips_through_json():
+    config = CM3Config.from_preset("760m", vocab_size=4321, qk_norm=True)
+    assert CM3Config.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+
+
+def test_init_follows_the_paper():
+    config = small_config(vocab_size=2048, d_model=256, max_seq_len=512, tie_embeddings=False)
+    model = CM3(config)
+    std = config.init_std
+    for name, weight in model.named_parameters():
+        assert not name.endswith("bias")
+        if name.endswith(("attn.out.weight", "mlp.down.weight")):
+            assert torch.count_nonzero(weight) == 0, name
+        elif name == "pos_emb.weight":
+            assert weight.std().item() == pytest.approx(config.pos_init_std * 0.987, rel=0.03)
+            assert weight.abs().max() <= 3 * config.pos_init_std + 1e-9
+        else:  # a normal cut at 3 std has std 0.987 * std
+            assert weight.std().item() == pytest.approx(std * 0.987, rel=0.03), name
+            assert weight.mean().abs() < 1e-4, name
+            assert weight.abs().max() <= 3 * std + 1e-7, name
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.LayerNorm)]
+    assert len(norms) == 2 * config.n_layers + 1 and all(not list(m.parameters()) for m in norms)
+    with_qk = CM3(small_config(qk_norm=True))
+    assert all(not list(m.parameters()) for m in with_qk.modules() if isinstance(m, torch.nn.LayerNorm))
+    assert {n for n, _ in with_qk.named_parameters()} == {n for n, _ in CM3(small_config()).named_parameters()}
+
+
+@pytest.mark.parametrize("positions", ["learned", "rope"])
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_kv_cache_decoding_matches_a_full_forward(positions, qk_norm):
+    model = randomized(small_config(positions=positions, qk_norm=qk_norm, activation="swiglu" if qk_norm else "relu"))
+    ids = torch.randint(0, 97, (2, 24))
+    with torch.no_grad():
+        full = model(ids)
+        cache = model.new_kv_cache(batch=2, max_len=32)
+        steps = [model(ids[:, :9], kv_cache=cache), model(ids[:, 9:14], kv_cache=cache, start_pos=9)]
+        steps += [model(ids[:, t:t + 1], kv_cache=cache, start_pos=t) for t in range(14, 24)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-4, rtol=0)
+
+
+def test_kv_cache_copy_repeat_reorder_and_reset():
+    model = randomized(small_config(positions="rope"))
+    prompt, next_ids = torch.randint(0, 97, (1, 6)), torch.randint(0, 97, (2, 1))
+    with torch.no_grad():
+        cache = model.new_kv_cache(batch=1, max_len=16)
+        model(prompt, kv_cache=cache)
+        snapshot = cache.copy()
+        rows = cache.repeat(2)  # one prompt, two rows (e.g. cond and uncond streams)
+        assert isinstance(rows, KVCache) and rows.batch == 2 and rows.max_len == 16
+        decoded = model(next_ids, kv_cache=rows, start_pos=6)
+        full = model(torch.cat([prompt.expand(2, -1), next_ids], dim=1))[:, -1:]
+        torch.testing.assert_close(decoded, full, atol=1e-4, rtol=0)
+        rows.reorder(torch.tensor([1, 1, 0]))
+        assert rows.batch == 3
+        torch.testing.assert_close(rows.keys[:, 0], rows.keys[:, 1])
+        torch.testing.assert_close(rows.keys[:, 2, :, :6], snapshot.keys[:, 0, :, :6])
+        cache.reset()
+        assert torch.count_nonzero(cache.keys) == 0 and torch.count_nonzero(snapshot.keys) > 0
+        with pytest.raises(ValueError, match="KV cache holds 16"):
+            model(torch.zeros(1, 11, dtype=torch.long), kv_cache=snapshot, start_pos=6)
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_save_and_load_round_trip(tmp_path, tie):
+    model = randomized(small_config(tie_embeddings=tie, qk_norm=True))
+    model.save_pretrained(tmp_path / "ckpt")
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["config.json", "model.safetensors"]
+    loaded = CM3.from_pretrained(tmp_path / "ckpt", expected_vocab_size=97).eval()
+    assert loaded.config == model.config
+    ids = torch.randint(0, 97, (2, 13))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids), model(ids))
+    assert CM3.from_pretrained(tmp_path / "ckpt", dtype=torch.bfloat16).tok_emb.weight.dtype == torch.bfloat16
+
+
+def test_vocab_mismatch_and_missing_checkpoint_raise(tmp_path):
+    CM3(small_config()).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="vocab_size 97 but the vocabulary in use has 100"):
+        CM3.from_pretrained(tmp_path, expected_vocab_size=100)
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        CM3.from_pretrained(tmp_path / "nowhere")
+
+
+def test_tiny_model_overfits_a_fixed_batch():
+    """Out-projections start at 0, yet every block learns: the loss on one batch collapses."""
+    torch.manual_seed(0)
+    model = CM3(small_config())
+    ids = torch.randint(0, 97, (2, 17))
+    weights = torch.ones(2, 16)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, betas=(0.9, 0.95), weight_decay=0.0)
+    losses = []
+    for _ in range(50):
+        loss = cm3_loss(model(ids[:, :-1]), ids[:, 1:], weights)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert all(block.attn.out.weight.abs().max() > 0 for block in model.blocks)
+    assert losses[0] == pytest.approx(torch.log(torch.tensor(97.0)).item(), abs=0.1)
+    assert losses[-1] < 0.2 * losses[0], losses[::10]
