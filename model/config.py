@@ -1,11 +1,12 @@
 """The decoder's shape and its training constants in one small dataclass, plus the paper's presets.
 
-Sizes, learning rates, warm-up, batch and tokens seen are CM3Leon's (Table in `shared/docs/cm3leon.md`); heads,
-activation, AdamW betas, weight decay and the linear decay to 10% are OPT/metaseq defaults the paper does not state.
+Sizes, learning rates, warm-up, batch and tokens seen are the CM3Leon paper's; heads, activation, AdamW betas,
+weight decay and the linear decay to 10% are OPT/metaseq defaults the paper does not state.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -66,7 +67,7 @@ class CM3Config:
     def mlp_hidden(self) -> int:
         """ReLU: mlp_ratio * d. SwiGLU has three matrices, so 2/3 of that (rounded up to 8) keeps the same size."""
         hidden = self.mlp_ratio * self.d_model
-        return hidden if self.activation == "relu" else -(-2 * hidden // 3 // 8) * 8
+        return hidden if self.activation == "relu" else 8 * math.ceil(2 * hidden / 3 / 8)
 
     @classmethod
     def from_preset(cls, name: str, vocab_size: int = DEFAULT_VOCAB_SIZE, **overrides: Any) -> CM3Config:

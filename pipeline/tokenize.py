@@ -134,27 +134,66 @@ def _check_folder(tokens_dir: Path, fingerprint: str, tokens_per_image: int) -> 
     raw_shards.write_json_atomic(path, {"tokenizer_sha256": fingerprint, "tokens_per_image": tokens_per_image})
 
 
+def check_tokenizer_folder(tokenizer_dir: Path) -> None:
+    for name in ("vocabulary.json", "text/tokenizer.json", "vq/config.json"):
+        if not (Path(tokenizer_dir) / name).exists():
+            raise InputError(f"{tokenizer_dir}: not a cm3 tokenizer (missing {name}); build one with cm3 tokenizer build")
+
+
 def check_tokenize_inputs(raw_dir: Path, tokenizer_dir: Path) -> list[int]:
     """Validate before any work; returns the complete raw shard ids."""
-    if not raw_dir.is_dir():
+    if not Path(raw_dir).is_dir():
         raise InputError(f"{raw_dir}: no such folder of raw shards")
-    shards = raw_shards.complete_shards(raw_dir)
+    shards = raw_shards.complete_shards(Path(raw_dir))
     if not shards:
         raise InputError(f"{raw_dir}: no complete raw shards (NNNNN.parquet with NNNNN_stats.json); run cm3 ingest")
-    for name in ("vocabulary.json", "text/tokenizer.json", "vq/config.json"):
-        if not (tokenizer_dir / name).exists():
-            raise InputError(f"{tokenizer_dir}: not a cm3 tokenizer (missing {name}); build one with cm3 tokenizer build")
+    check_tokenizer_folder(tokenizer_dir)
     return shards
 
 
-def _commit_token_shard(tokens_dir: Path, shard_id: int, rows: list[pa.Table], schema: pa.Schema,
-                        stats: dict) -> None:
-    attempt = raw_shards.new_attempt_dir(tokens_dir, shard_id)
-    table = pa.concat_tables(rows).select(schema.names).cast(schema) if rows else schema.empty_table()
-    table = table.sort_by("key")
-    pq.write_table(table, attempt / raw_shards.parquet_path(tokens_dir, shard_id).name)
-    raw_shards.write_json_atomic(attempt / raw_shards.stats_path(tokens_dir, shard_id).name, stats)
-    raw_shards.commit_shard(attempt, tokens_dir, shard_id)
+class _ShardAssembler:
+    """Collects tokenized rows by source shard and commits a shard once all its raw rows came back."""
+
+    def __init__(self, tokens_dir: Path, expected: dict[int, int], schema: pa.Schema, tokens_per_image: int):
+        self.tokens_dir, self.expected, self.schema = tokens_dir, expected, schema
+        self.tokens_per_image = tokens_per_image
+        self.rows: dict[int, list[pa.Table]] = defaultdict(list)
+        self.seen: Counter = Counter()
+        self.reasons: dict[int, Counter] = defaultdict(Counter)
+        self.written: list[int] = []
+        self.tokenized = 0
+
+    def add(self, batch: pa.Table) -> int:
+        """Take one batch from the actors; returns how many raw rows it covered."""
+        for shard_id in set(batch.column("source_shard").to_pylist()):
+            part = batch.filter(pc.equal(batch.column("source_shard"), shard_id))
+            self.reasons[shard_id].update(e for e in part.column("error").to_pylist() if e is not None)
+            ok = part.filter(pc.is_null(part.column("error")))
+            if ok.num_rows:
+                self.rows[shard_id].append(ok)
+            self.seen[shard_id] += part.num_rows
+            if self.seen[shard_id] == self.expected[shard_id]:
+                self.commit(shard_id)
+        return batch.num_rows
+
+    def commit(self, shard_id: int) -> None:
+        rows = self.rows.pop(shard_id, [])
+        tokenized = sum(t.num_rows for t in rows)
+        stats = {"count": self.expected[shard_id], "tokenized": tokenized,
+                 "skipped_by_reason": dict(self.reasons[shard_id]), "tokens_per_image": self.tokens_per_image}
+        attempt = raw_shards.new_attempt_dir(self.tokens_dir, shard_id)
+        table = pa.concat_tables(rows).select(self.schema.names).cast(self.schema) if rows else self.schema.empty_table()
+        pq.write_table(table.sort_by("key"), attempt / raw_shards.parquet_path(self.tokens_dir, shard_id).name)
+        raw_shards.write_json_atomic(attempt / raw_shards.stats_path(self.tokens_dir, shard_id).name, stats)
+        raw_shards.commit_shard(attempt, self.tokens_dir, shard_id)
+        self.written.append(shard_id)
+        self.tokenized += tokenized
+
+    def skipped_by_reason(self) -> dict[str, int]:
+        total: Counter = Counter()
+        for reasons in self.reasons.values():
+            total.update(reasons)
+        return dict(total)
 
 
 def run_tokenize(raw_dir: Path, tokens_dir: Path, tokenizer_dir: Path, *, batch_size: int = 32,
@@ -170,64 +209,38 @@ def run_tokenize(raw_dir: Path, tokens_dir: Path, tokenizer_dir: Path, *, batch_
     _check_folder(tokens_dir, tokenizer_fingerprint(tokenizer_dir), tokens_per_image)
     raw_shards.clear_staging(tokens_dir)
     done = set(raw_shards.complete_shards(tokens_dir))
-    pending = [s for s in shards if s not in done]
-    result = TokenizeResult(shards_skipped_complete=len(shards) - len(pending))
-    if not pending:
-        return result
-
-    gpus = ray.cluster_resources().get("GPU", 0)
-    if encoders is None:
-        encoders = int(gpus) if gpus >= 1 else max(1, int(ray.cluster_resources().get("CPU", 1) // 2))
-    expected = {s: raw_shards.read_stats(raw_dir, s)["count"] for s in pending}
-    schema = token_schema(tokens_per_image)
-    for shard_id in [s for s in pending if expected[s] == 0]:  # nothing will flow through Ray Data for these
-        _commit_token_shard(tokens_dir, shard_id, [], schema, {"count": 0, "tokenized": 0, "skipped_by_reason": {},
-                                                               "tokens_per_image": tokens_per_image})
-        result.shards_written.append(shard_id)
-        pending.remove(shard_id)
+    expected = {s: raw_shards.read_stats(raw_dir, s)["count"] for s in shards if s not in done}
+    assembler = _ShardAssembler(tokens_dir, expected, token_schema(tokens_per_image), tokens_per_image)
+    for shard_id in [s for s, count in expected.items() if count == 0]:  # nothing flows through Ray Data for these
+        assembler.commit(shard_id)
+    pending = [s for s, count in expected.items() if count > 0]
 
     started = time.time()
-    dataset = ray.data.read_parquet(
-        [str(raw_shards.parquet_path(raw_dir, s)) for s in pending], columns=RAW_COLUMNS, include_paths=True
-    ).map_batches(
-        TokenizeBatch,
-        fn_constructor_kwargs={"tokenizer_dir": str(tokenizer_dir.resolve()), "device": "cuda" if gpus >= 1 else "cpu",
-                               "torch_threads": max(1, int(cpus_per_encoder))},
-        batch_size=batch_size,
-        batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=encoders),
-        num_gpus=1 if gpus >= 1 else 0,
-        num_cpus=cpus_per_encoder,
-    )
-    rows: dict[int, list[pa.Table]] = defaultdict(list)
-    seen: Counter = Counter()
-    reasons: dict[int, Counter] = defaultdict(Counter)
-    bar = tqdm(total=sum(expected.values()), desc="tokenize", unit="img", disable=not progress, dynamic_ncols=True)
-    for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
-        for shard_id in set(batch.column("source_shard").to_pylist()):
-            part = batch.filter(pc.equal(batch.column("source_shard"), shard_id))
-            errors = part.column("error").to_pylist()
-            reasons[shard_id].update(e for e in errors if e is not None)
-            ok = part.filter(pc.is_null(part.column("error")))
-            if ok.num_rows:
-                rows[shard_id].append(ok)
-            seen[shard_id] += part.num_rows
-            bar.update(part.num_rows)
-            if seen[shard_id] == expected[shard_id]:
-                tokenized = sum(t.num_rows for t in rows[shard_id])
-                stats = {"count": expected[shard_id], "tokenized": tokenized,
-                         "skipped_by_reason": dict(reasons[shard_id]), "tokens_per_image": tokens_per_image}
-                _commit_token_shard(tokens_dir, shard_id, rows.pop(shard_id), schema, stats)
-                result.shards_written.append(shard_id)
-                result.rows_tokenized += tokenized
-    bar.close()
+    if pending:
+        gpus = ray.cluster_resources().get("GPU", 0)
+        if encoders is None:
+            encoders = int(gpus) if gpus >= 1 else max(1, int(ray.cluster_resources().get("CPU", 1) // 2))
+        dataset = ray.data.read_parquet(
+            [str(raw_shards.parquet_path(raw_dir, s)) for s in pending], columns=RAW_COLUMNS, include_paths=True
+        ).map_batches(
+            TokenizeBatch,
+            fn_constructor_kwargs={"tokenizer_dir": str(tokenizer_dir.resolve()),
+                                   "device": "cuda" if gpus >= 1 else "cpu",
+                                   "torch_threads": max(1, int(cpus_per_encoder))},
+            batch_size=batch_size,
+            batch_format="pyarrow",
+            compute=ray.data.ActorPoolStrategy(size=encoders),
+            num_gpus=1 if gpus >= 1 else 0,
+            num_cpus=cpus_per_encoder,
+        )
+        with tqdm(total=sum(expected[s] for s in pending), desc="tokenize", unit="img", disable=not progress,
+                  dynamic_ncols=True) as bar:
+            for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
+                bar.update(assembler.add(batch))
     raw_shards.clear_staging(tokens_dir)
-    missing = sorted(set(pending) - set(result.shards_written))
+    missing = sorted(set(expected) - set(assembler.written))
     if missing:
         raise RuntimeError(f"tokenize: shards {missing} did not receive all their rows; run again to resume")
-    total = Counter()
-    for shard_reasons in reasons.values():
-        total.update(shard_reasons)
-    result.skipped_by_reason = dict(total)
-    result.seconds = time.time() - started
-    return result
+    return TokenizeResult(shards_written=assembler.written, shards_skipped_complete=len(done),
+                          rows_tokenized=assembler.tokenized, skipped_by_reason=assembler.skipped_by_reason(),
+                          seconds=time.time() - started)

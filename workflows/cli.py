@@ -48,6 +48,8 @@ def ingest(
     retries: int = typer.Option(0, min=0, help="Extra tries per URL inside a shard."),
     max_shard_retry: int = typer.Option(1, min=0, help="Times Ray re-runs a shard task that failed."),
     retry_failed: bool = typer.Option(False, "--retry-failed", help="Also re-download the rows that failed in complete shards."),
+    tokenizer: Optional[Path] = typer.Option(None, help="Tokenizer folder: also tokenize the shards (see cm3 tokenize)."),
+    tokens_out: Optional[Path] = typer.Option(None, help="Token shards folder (default: OUT_tokens beside OUT)."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
 ) -> None:
     """Download image-caption pairs with img2dataset on Ray, center-cropped to 256x256, into Parquet shards.
@@ -61,9 +63,12 @@ def ingest(
       cm3 ingest laion_part0.parquet --url-col URL --caption-col TEXT --out data/raw --ray-address auto
 
       cm3 ingest urls.jsonl --out data/raw --retry-failed
+
+      cm3 ingest urls.parquet --out data/raw --tokenizer tokenizer/ --tokens-out data/tokens
     """
     from cm3.pipeline.download import DownloadSettings, check_output_folder, run_download
     from cm3.pipeline.summary import format_summary
+    from cm3.pipeline.tokenize import check_tokenizer_folder, run_tokenize
     from cm3.pipeline.url_list import open_url_list
     from cm3.workflows.ray_session import connect
 
@@ -78,6 +83,8 @@ def ingest(
     try:
         spec = open_url_list(urls, input_format, url_col, caption_col)
         check_output_folder(out, spec, settings)
+        if tokenizer is not None:
+            check_tokenizer_folder(tokenizer)
     except InputError as err:
         fail(str(err))
     if resize_mode not in ("center_crop", "border", "keep_ratio", "keep_ratio_largest", "no"):
@@ -99,6 +106,18 @@ def ingest(
     typer.echo(f"summary: {out / 'ingest_summary.json'}")
     if result.shards_failed:
         fail(f"{len(result.shards_failed)} shard(s) failed; run the same command again to retry them", code=1)
+    if tokenizer is not None:
+        tokens_dir = tokens_out or out.with_name(out.name + "_tokens")
+        tokenized = run_tokenize(out, tokens_dir, tokenizer, progress=progress)
+        echo_tokenize_result(tokenized, tokens_dir)
+
+
+def echo_tokenize_result(result, tokens_dir: Path) -> None:
+    typer.echo(f"token shards in {tokens_dir}: {len(result.shards_written)} written, "
+               f"{result.shards_skipped_complete} already complete; "
+               f"{result.rows_tokenized} images tokenized in {result.seconds:.1f} s")
+    if result.skipped_by_reason:
+        typer.echo("skipped: " + ", ".join(f"{reason}: {n}" for reason, n in result.skipped_by_reason.items()))
 
 
 @tokenizer_app.command("train-text")
@@ -183,10 +202,7 @@ def tokenize(
                               cpus_per_encoder=cpus_per_encoder, progress=progress)
     except InputError as err:
         fail(str(err))
-    typer.echo(f"token shards: {len(result.shards_written)} written, {result.shards_skipped_complete} already complete; "
-               f"{result.rows_tokenized} images tokenized in {result.seconds:.1f} s")
-    if result.skipped_by_reason:
-        typer.echo("skipped: " + ", ".join(f"{reason}: {n}" for reason, n in result.skipped_by_reason.items()))
+    echo_tokenize_result(result, out)
 
 
 @demo_data_app.command("serve")
