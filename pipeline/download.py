@@ -21,14 +21,9 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations phones home on import
-
 import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
-from img2dataset.downloader import Downloader, compute_key
-from img2dataset.resizer import Resizer
-from img2dataset.writer import ParquetSampleWriter
 from tqdm import tqdm
 
 from cm3.pipeline import raw_shards
@@ -73,7 +68,14 @@ def _oom_sample_per_shard(settings: DownloadSettings) -> int:
     return math.ceil(math.log10(settings.shard_rows)) if settings.shard_rows > 1 else 1
 
 
-def _make_downloader(settings: DownloadSettings, output_folder: Path) -> Downloader:
+def _make_downloader(settings: DownloadSettings, output_folder: Path):
+    """img2dataset's downloader; imported here, in the Ray worker, so the driver never pays for
+    img2dataset's imports (torch, wandb, albumentations: seconds per command)."""
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations phones home on import
+    from img2dataset.downloader import Downloader
+    from img2dataset.resizer import Resizer
+    from img2dataset.writer import ParquetSampleWriter
+
     resizer = Resizer(
         image_size=settings.image_size,
         resize_mode=settings.resize_mode,
@@ -139,6 +141,8 @@ def retry_failed_rows(out_dir: str, shard_id: int, settings: DownloadSettings) -
     retried = pq.read_table(attempt_dir / raw_shards.parquet_path(out, shard_id).name).cast(original.schema)
 
     # img2dataset keys a row by its position in the table it was given: map back to the original rows.
+    from img2dataset.downloader import compute_key
+
     digits = _oom_sample_per_shard(settings)
     position_of_key = {
         compute_key(i, shard_id, digits, raw_shards.SHARD_DIGITS): row for i, row in enumerate(failed_rows)

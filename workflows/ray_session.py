@@ -26,6 +26,9 @@ def connect(address: str | None = None, num_cpus: int | None = None, quiet: bool
         return None
     kwargs: dict = {"log_to_driver": True, "configure_logging": False}
     if address is None:
+        # Ray starts workers at nice 15; here the workers *are* the job (downloads, encoders), so they
+        # must not yield the CPU to everything else on the machine. (`ray start` users: set it there.)
+        os.environ.setdefault("RAY_worker_niceness", "0")
         kwargs.update(
             address="local",  # always a new cluster, never one that `ray start` left on this machine
             include_dashboard=True,

@@ -122,7 +122,7 @@ def write_url_list(
     return path
 
 
-@functools.lru_cache(maxsize=512)
+@functools.lru_cache(maxsize=8192)
 def image_jpeg(seed: int, split: str, index: int) -> bytes:
     return encode_jpeg(render(spec_for(index, seed, split)))
 
@@ -238,6 +238,7 @@ class _Handler(BaseHTTPRequestHandler):
 
 class _Server(ThreadingHTTPServer):
     daemon_threads = True  # a stalled client must not block shutdown
+    request_queue_size = 512  # downloaders open hundreds of connections at once; the default backlog is 5
     demo: DemoDataServer
 
     def handle_error(self, request: Any, client_address: Any) -> None:

@@ -1,0 +1,64 @@
+"""Inference checkpoints: the decoder's weights with the tokenizer they were trained with, in one folder.
+
+    CKPT/model.safetensors   CKPT/config.json   (CM3.save_pretrained)
+    CKPT/tokenizer/                             (MultimodalTokenizer.save)
+    CKPT/checkpoint.json                        (what produced it; written last, the commit marker)
+
+A checkpoint carries its tokenizer so that ids can never be decoded with another vocabulary;
+loading checks that the decoder's vocabulary size equals the tokenizer's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from cm3.model.decoder import CM3
+from cm3.tokenizers.multimodal import MultimodalTokenizer
+
+MARKER = "checkpoint.json"
+TOKENIZER_DIR = "tokenizer"
+
+
+def save_checkpoint(directory: str | os.PathLike, model: CM3, tokenizer: MultimodalTokenizer,
+                    info: dict | None = None) -> Path:
+    """Write into a staging folder beside ``directory`` and rename it into place (all or nothing)."""
+    if model.config.vocab_size != tokenizer.vocab.size:
+        raise ValueError(f"model vocab_size {model.config.vocab_size} != tokenizer vocabulary size "
+                         f"{tokenizer.vocab.size}")
+    target = Path(directory)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.saving-", dir=target.parent))
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save(staging / TOKENIZER_DIR)
+        (staging / MARKER).write_text(json.dumps({"format_version": 1, **(info or {})}, indent=2) + "\n")
+        if target.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+            os.replace(target, old / target.name)
+            os.replace(staging, target)
+            shutil.rmtree(old)
+        else:
+            os.replace(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def load_checkpoint(directory: str | os.PathLike, device: str | torch.device = "cpu",
+                    dtype: torch.dtype | None = None) -> tuple[CM3, MultimodalTokenizer]:
+    """(model in eval mode, tokenizer); clear errors for a folder that is not a whole checkpoint."""
+    root = Path(directory)
+    if not (root / MARKER).is_file():
+        raise FileNotFoundError(f"{root}: not a cm3 checkpoint ({MARKER} is missing)")
+    tokenizer = MultimodalTokenizer.load(root / TOKENIZER_DIR, device=device)
+    try:
+        model = CM3.from_pretrained(root, device=device, dtype=dtype, expected_vocab_size=tokenizer.vocab.size)
+    except ValueError as err:
+        raise ValueError(f"{root}: the decoder does not match {root / TOKENIZER_DIR}: {err}") from err
+    return model.eval(), tokenizer
