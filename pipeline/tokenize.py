@@ -1,13 +1,15 @@
 """The tokenize stage of ``cm3 ingest`` (and ``cm3 tokenize``): raw shards -> token shards on Ray Data.
 
 Ray Data reads the raw Parquet shards; an actor pool (GPU actors when the cluster has GPUs)
-decodes each JPEG once, runs the VQ-GAN encoder and the BPE over a batch; the driver groups
-the results back by source shard and commits one token shard per raw shard, atomically and
-with the same numbering, so a killed run resumes shard by shard.
+decodes each JPEG once, runs the VQ-GAN encoder, the BPE and, when a CLIP model is given, the
+CLIP image and text encoders over a batch; the driver groups the results back by source shard
+(``ShardAssembler``) and commits one token shard per raw shard, atomically and with the same
+numbering, so a killed run resumes shard by shard.
 
 Token shard ``NNNNN.parquet`` (one row per successfully tokenized image; see README):
 ``key, url, caption, source_shard, text_ids (list<int32>: BPE ids), image_ids
-(fixed_size_list<int16>[tokens_per_image]: VQ code ids)``. Both id columns hold the tokenizers'
+(fixed_size_list<int16>[tokens_per_image]: VQ code ids)`` and, with CLIP, ``clip_image`` and
+``clip_text`` (fixed_size_list<float16>[dim], unit norm). Both id columns hold the tokenizers'
 own ids; ``Vocabulary`` maps them into the decoder's joint id space.
 """
 
@@ -16,32 +18,38 @@ from __future__ import annotations
 import hashlib
 import io
 import time
-from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from cm3.pipeline import raw_shards
+from cm3.pipeline.shard_assembler import ShardAssembler
 from cm3.pipeline.url_list import InputError
 
 CONFIG_FILE = "tokenize_config.json"
 RAW_COLUMNS = ["key", "url", "caption", "jpg", "status"]
 
 
-def token_schema(tokens_per_image: int) -> pa.Schema:
-    return pa.schema([
+def token_schema(tokens_per_image: int, clip_dim: int | None = None) -> pa.Schema:
+    fields = [
         ("key", pa.string()),
         ("url", pa.string()),
         ("caption", pa.string()),
         ("source_shard", pa.int32()),
         ("text_ids", pa.list_(pa.int32())),
         ("image_ids", pa.list_(pa.int16(), tokens_per_image)),
-    ])
+    ]
+    if clip_dim:
+        fields += [("clip_image", pa.list_(pa.float16(), clip_dim)), ("clip_text", pa.list_(pa.float16(), clip_dim))]
+    return pa.schema(fields)
+
+
+def _vectors(rows: list[np.ndarray | None], dim: int) -> pa.Array:
+    values = [None if row is None else row.astype(np.float16) for row in rows]
+    return pa.array(values, pa.list_(pa.float16(), dim))
 
 
 def tokenizer_fingerprint(tokenizer_dir: Path) -> str:
@@ -62,7 +70,7 @@ class TokenizeBatch:
     driver can count them by reason; nothing is dropped silently.
     """
 
-    def __init__(self, tokenizer_dir: str, device: str = "cpu", torch_threads: int = 1):
+    def __init__(self, tokenizer_dir: str, device: str = "cpu", torch_threads: int = 1, clip: dict | None = None):
         import torch
 
         from cm3.tokenizers.multimodal import MultimodalTokenizer
@@ -71,6 +79,11 @@ class TokenizeBatch:
         self.tokenizer = MultimodalTokenizer.load(tokenizer_dir, device=device)
         self.device = device
         self.resolution = self.tokenizer.vq.config.resolution
+        self.clip = None
+        if clip is not None:
+            from cm3.index.clip_embedder import ClipEmbedder
+
+            self.clip = ClipEmbedder(clip["model_name"], clip["pretrained"], device=device)
 
     def _decode(self, jpg: bytes | None) -> tuple[np.ndarray | None, str | None]:
         from PIL import Image, UnidentifiedImageError
@@ -100,7 +113,7 @@ class TokenizeBatch:
         captions = [c or "" for c in batch.column("caption").to_pylist()]
         text_ids = self.tokenizer.text.encode_batch(captions)
         source = [int(Path(p).name.split(".")[0]) for p in batch.column("path").to_pylist()]
-        return pa.table({
+        columns = {
             "key": batch.column("key"),
             "url": batch.column("url"),
             "caption": batch.column("caption"),
@@ -108,8 +121,14 @@ class TokenizeBatch:
             "text_ids": pa.array(text_ids, pa.list_(pa.int32())),
             "image_ids": pa.array([codes[i].tolist() if i in codes else None for i in range(batch.num_rows)],
                                   pa.list_(pa.int16(), self.tokenizer.tokens_per_image)),
-            "error": pa.array([err for _, err in decoded], pa.string()),
-        })
+        }
+        if self.clip is not None:
+            image_vectors = dict(zip(good, self.clip.embed_images(np.stack([decoded[i][0] for i in good])))) \
+                if good else {}
+            columns["clip_image"] = _vectors([image_vectors.get(i) for i in range(batch.num_rows)], self.clip.dim)
+            columns["clip_text"] = _vectors(list(self.clip.embed_texts(captions)), self.clip.dim)
+        columns["error"] = pa.array([err for _, err in decoded], pa.string())
+        return pa.table(columns)
 
 
 @dataclass
@@ -121,17 +140,29 @@ class TokenizeResult:
     seconds: float = 0.0
 
 
-def _check_folder(tokens_dir: Path, fingerprint: str, tokens_per_image: int) -> None:
+def _check_folder(tokens_dir: Path, config: dict) -> None:
+    """Token shards in one folder share one tokenizer and one CLIP model; refuse to mix."""
     path = tokens_dir / CONFIG_FILE
     if path.exists():
         previous = raw_shards.read_json(path)
-        if previous.get("tokenizer_sha256") != fingerprint:
+        if previous.get("tokenizer_sha256") != config["tokenizer_sha256"]:
             raise InputError(
                 f"{tokens_dir}: holds token shards from another tokenizer (tokenizer_sha256 "
-                f"{previous.get('tokenizer_sha256', '?')[:12]} != {fingerprint[:12]}); choose another --out"
+                f"{previous.get('tokenizer_sha256', '?')[:12]} != {config['tokenizer_sha256'][:12]}); "
+                "choose another --out"
             )
+        if previous.get("clip") != config["clip"]:
+            raise InputError(f"{tokens_dir}: holds token shards with CLIP {previous.get('clip')}, not "
+                             f"{config['clip']}; choose another --out")
     tokens_dir.mkdir(parents=True, exist_ok=True)
-    raw_shards.write_json_atomic(path, {"tokenizer_sha256": fingerprint, "tokens_per_image": tokens_per_image})
+    raw_shards.write_json_atomic(path, config)
+
+
+def read_tokens_config(tokens_dir: Path) -> dict:
+    path = Path(tokens_dir) / CONFIG_FILE
+    if not path.exists():
+        raise InputError(f"{tokens_dir}: not a token shard folder ({CONFIG_FILE} is missing); run cm3 tokenize")
+    return raw_shards.read_json(path)
 
 
 def check_tokenizer_folder(tokenizer_dir: Path) -> None:
@@ -151,54 +182,14 @@ def check_tokenize_inputs(raw_dir: Path, tokenizer_dir: Path) -> list[int]:
     return shards
 
 
-class _ShardAssembler:
-    """Collects tokenized rows by source shard and commits a shard once all its raw rows came back."""
+def run_tokenize(raw_dir: Path, tokens_dir: Path, tokenizer_dir: Path, *, clip: dict | None = None,
+                 batch_size: int = 32, encoders: int | None = None, cpus_per_encoder: float = 1.0,
+                 progress: bool = True) -> TokenizeResult:
+    """Tokenize every complete raw shard that has no complete token shard yet (needs a Ray connection).
 
-    def __init__(self, tokens_dir: Path, expected: dict[int, int], schema: pa.Schema, tokens_per_image: int):
-        self.tokens_dir, self.expected, self.schema = tokens_dir, expected, schema
-        self.tokens_per_image = tokens_per_image
-        self.rows: dict[int, list[pa.Table]] = defaultdict(list)
-        self.seen: Counter = Counter()
-        self.reasons: dict[int, Counter] = defaultdict(Counter)
-        self.written: list[int] = []
-        self.tokenized = 0
-
-    def add(self, batch: pa.Table) -> int:
-        """Take one batch from the actors; returns how many raw rows it covered."""
-        for shard_id in set(batch.column("source_shard").to_pylist()):
-            part = batch.filter(pc.equal(batch.column("source_shard"), shard_id))
-            self.reasons[shard_id].update(e for e in part.column("error").to_pylist() if e is not None)
-            ok = part.filter(pc.is_null(part.column("error")))
-            if ok.num_rows:
-                self.rows[shard_id].append(ok)
-            self.seen[shard_id] += part.num_rows
-            if self.seen[shard_id] == self.expected[shard_id]:
-                self.commit(shard_id)
-        return batch.num_rows
-
-    def commit(self, shard_id: int) -> None:
-        rows = self.rows.pop(shard_id, [])
-        tokenized = sum(t.num_rows for t in rows)
-        stats = {"count": self.expected[shard_id], "tokenized": tokenized,
-                 "skipped_by_reason": dict(self.reasons[shard_id]), "tokens_per_image": self.tokens_per_image}
-        attempt = raw_shards.new_attempt_dir(self.tokens_dir, shard_id)
-        table = pa.concat_tables(rows).select(self.schema.names).cast(self.schema) if rows else self.schema.empty_table()
-        pq.write_table(table.sort_by("key"), attempt / raw_shards.parquet_path(self.tokens_dir, shard_id).name)
-        raw_shards.write_json_atomic(attempt / raw_shards.stats_path(self.tokens_dir, shard_id).name, stats)
-        raw_shards.commit_shard(attempt, self.tokens_dir, shard_id)
-        self.written.append(shard_id)
-        self.tokenized += tokenized
-
-    def skipped_by_reason(self) -> dict[str, int]:
-        total: Counter = Counter()
-        for reasons in self.reasons.values():
-            total.update(reasons)
-        return dict(total)
-
-
-def run_tokenize(raw_dir: Path, tokens_dir: Path, tokenizer_dir: Path, *, batch_size: int = 32,
-                 encoders: int | None = None, cpus_per_encoder: float = 1.0, progress: bool = True) -> TokenizeResult:
-    """Tokenize every complete raw shard that has no complete token shard yet (needs a Ray connection)."""
+    ``clip`` ({"model_name", "pretrained"}, see ``ClipEmbedder``) adds CLIP vectors computed from the
+    same decoded pixels, so ``cm3 build-index`` never decodes the images again.
+    """
     import ray
 
     from cm3.tokenizers.multimodal import MultimodalTokenizer
@@ -206,11 +197,19 @@ def run_tokenize(raw_dir: Path, tokens_dir: Path, tokenizer_dir: Path, *, batch_
     raw_dir, tokens_dir, tokenizer_dir = Path(raw_dir), Path(tokens_dir), Path(tokenizer_dir)
     shards = check_tokenize_inputs(raw_dir, tokenizer_dir)
     tokens_per_image = MultimodalTokenizer.load(tokenizer_dir).tokens_per_image
-    _check_folder(tokens_dir, tokenizer_fingerprint(tokenizer_dir), tokens_per_image)
+    clip_dim = None
+    if clip is not None:
+        from cm3.index.clip_embedder import ClipEmbedder
+
+        clip_dim = ClipEmbedder(clip["model_name"], clip["pretrained"]).dim  # fails here, early, on a bad model
+    _check_folder(tokens_dir, {"tokenizer_sha256": tokenizer_fingerprint(tokenizer_dir),
+                               "tokens_per_image": tokens_per_image, "clip": clip, "clip_dim": clip_dim,
+                               "raw_dir": str(raw_dir.resolve())})
     raw_shards.clear_staging(tokens_dir)
     done = set(raw_shards.complete_shards(tokens_dir))
     expected = {s: raw_shards.read_stats(raw_dir, s)["count"] for s in shards if s not in done}
-    assembler = _ShardAssembler(tokens_dir, expected, token_schema(tokens_per_image), tokens_per_image)
+    assembler = ShardAssembler(tokens_dir, expected, token_schema(tokens_per_image, clip_dim),
+                               {"tokens_per_image": tokens_per_image})
     for shard_id in [s for s, count in expected.items() if count == 0]:  # nothing flows through Ray Data for these
         assembler.commit(shard_id)
     pending = [s for s, count in expected.items() if count > 0]
@@ -226,7 +225,7 @@ def run_tokenize(raw_dir: Path, tokens_dir: Path, tokenizer_dir: Path, *, batch_
             TokenizeBatch,
             fn_constructor_kwargs={"tokenizer_dir": str(tokenizer_dir.resolve()),
                                    "device": "cuda" if gpus >= 1 else "cpu",
-                                   "torch_threads": max(1, int(cpus_per_encoder))},
+                                   "torch_threads": max(1, int(cpus_per_encoder)), "clip": clip},
             batch_size=batch_size,
             batch_format="pyarrow",
             compute=ray.data.ActorPoolStrategy(size=encoders),
@@ -238,9 +237,8 @@ def run_tokenize(raw_dir: Path, tokens_dir: Path, tokenizer_dir: Path, *, batch_
             for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
                 bar.update(assembler.add(batch))
     raw_shards.clear_staging(tokens_dir)
-    missing = sorted(set(expected) - set(assembler.written))
-    if missing:
-        raise RuntimeError(f"tokenize: shards {missing} did not receive all their rows; run again to resume")
+    if assembler.missing():
+        raise RuntimeError(f"tokenize: shards {assembler.missing()} did not receive all their rows; run again")
     return TokenizeResult(shards_written=assembler.written, shards_skipped_complete=len(done),
-                          rows_tokenized=assembler.tokenized, skipped_by_reason=assembler.skipped_by_reason(),
+                          rows_tokenized=assembler.kept, skipped_by_reason=assembler.skipped_by_reason(),
                           seconds=time.time() - started)

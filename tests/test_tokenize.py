@@ -90,7 +90,7 @@ def test_token_shards_have_the_documented_schema_at_1024_tokens(ray_cluster, tmp
     assert own.mean() > 0.97 and other.mean() < own.mean() - 0.1
 
     stats = json.loads(raw_shards.stats_path(tokens, 1).read_text())
-    assert stats["count"] == 3 and stats["tokenized"] == 1
+    assert stats["count"] == 3 and stats["kept"] == 1
     assert sum(stats["skipped_by_reason"].values()) == 2
     assert all(reason.startswith("undecodable image") for reason in stats["skipped_by_reason"])
     assert pq.read_table(raw_shards.parquet_path(tokens, 1)).column("key").to_pylist() == ["00001001"]

@@ -32,6 +32,36 @@ def fail(message: str, code: int = EXIT_BAD_INPUT) -> None:
     raise typer.Exit(code)
 
 
+CLIP_DIR_HELP = "A CLIP folder written by `cm3 clip train` (adds CLIP vectors)."
+CLIP_MODEL_HELP = "An OpenCLIP model name instead, e.g. ViT-B-32 (adds CLIP vectors)."
+CLIP_PRETRAINED_HELP = "With --clip-model: an OpenCLIP pretrained tag (needs the hub) or a local checkpoint file."
+
+
+def clip_identity(clip_dir: Optional[Path], clip_model: Optional[str], clip_pretrained: Optional[str]) -> Optional[dict]:
+    """{"model_name", "pretrained"} from either a trained CLIP folder or an OpenCLIP name and tag/file."""
+    if clip_dir is not None and clip_model is not None:
+        fail("give either --clip or --clip-model, not both")
+    if clip_dir is not None:
+        import json
+
+        from cm3.index.clip_embedder import TRAINED_CONFIG_FILE
+
+        config_path = clip_dir / TRAINED_CONFIG_FILE
+        if not config_path.is_file():
+            fail(f"{clip_dir}: not a trained CLIP folder ({TRAINED_CONFIG_FILE} is missing); see cm3 clip train")
+        config = json.loads(config_path.read_text())
+        return {"model_name": config["model_name"], "pretrained": str((clip_dir / config["checkpoint"]).resolve())}
+    if clip_model is not None:
+        from cm3.index.clip_embedder import check_model_source
+
+        try:
+            check_model_source(clip_model, clip_pretrained)
+        except (ValueError, FileNotFoundError) as err:
+            fail(str(err))
+        return {"model_name": clip_model, "pretrained": clip_pretrained}
+    return None
+
+
 @app.command()
 def ingest(
     urls: Path = typer.Argument(..., help="URL list: .parquet, .csv, .tsv, .jsonl or .txt (one URL per line)."),
@@ -52,6 +82,9 @@ def ingest(
     retry_failed: bool = typer.Option(False, "--retry-failed", help="Also re-download the rows that failed in complete shards."),
     tokenizer: Optional[Path] = typer.Option(None, help="Tokenizer folder: also tokenize the shards (see cm3 tokenize)."),
     tokens_out: Optional[Path] = typer.Option(None, help="Token shards folder (default: OUT_tokens beside OUT)."),
+    clip: Optional[Path] = typer.Option(None, help=CLIP_DIR_HELP),
+    clip_model: Optional[str] = typer.Option(None, help=CLIP_MODEL_HELP),
+    clip_pretrained: Optional[str] = typer.Option(None, help=CLIP_PRETRAINED_HELP),
     progress: bool = typer.Option(True, help="Show a progress bar."),
 ) -> None:
     """Download image-caption pairs with img2dataset on Ray, center-cropped to 256x256, into Parquet shards.
@@ -91,6 +124,9 @@ def ingest(
         fail(str(err))
     if resize_mode not in ("center_crop", "border", "keep_ratio", "keep_ratio_largest", "no"):
         fail(f"--resize-mode {resize_mode!r}: expected center_crop, border, keep_ratio, keep_ratio_largest or no")
+    identity = clip_identity(clip, clip_model, clip_pretrained)
+    if identity is not None and tokenizer is None:
+        fail("CLIP vectors are computed in the tokenize pass: give --tokenizer too")
 
     import ray
 
@@ -114,7 +150,7 @@ def ingest(
         fail(f"{len(result.shards_failed)} shard(s) failed; run the same command again to retry them", code=1)
     if tokenizer is not None:
         tokens_dir = tokens_out or out.with_name(out.name + "_tokens")
-        tokenized = run_tokenize(out, tokens_dir, tokenizer, progress=progress)
+        tokenized = run_tokenize(out, tokens_dir, tokenizer, clip=identity, progress=progress)
         echo_tokenize_result(tokenized, tokens_dir)
 
 
@@ -185,6 +221,9 @@ def tokenize(
     batch_size: int = typer.Option(32, min=1, help="Images per VQ-encoder call."),
     encoders: Optional[int] = typer.Option(None, min=1, help="VQ-encoder actors (default: one per GPU, else CPUs/2)."),
     cpus_per_encoder: float = typer.Option(1.0, min=0.1, help="Ray CPUs (and torch threads) per encoder actor."),
+    clip: Optional[Path] = typer.Option(None, help=CLIP_DIR_HELP),
+    clip_model: Optional[str] = typer.Option(None, help=CLIP_MODEL_HELP),
+    clip_pretrained: Optional[str] = typer.Option(None, help=CLIP_PRETRAINED_HELP),
     progress: bool = typer.Option(True, help="Show a progress bar."),
 ) -> None:
     """Turn raw shards into token shards: VQ codes per image, BPE ids per caption (Ray Data, resumable).
@@ -194,6 +233,8 @@ def tokenize(
       cm3 tokenize data/raw --out data/tokens --tokenizer tokenizer/
 
       cm3 tokenize data/raw --out data/tokens --tokenizer tokenizer/ --ray-address auto --encoders 8
+
+      cm3 tokenize data/raw --out data/tokens --tokenizer tokenizer/ --clip-model ViT-B-32 --clip-pretrained openai
     """
     from cm3.pipeline.tokenize import check_tokenize_inputs, run_tokenize
     from cm3.workflows.ray_session import connect
@@ -202,13 +243,128 @@ def tokenize(
         check_tokenize_inputs(raw, tokenizer)
     except InputError as err:
         fail(str(err))
+    identity = clip_identity(clip, clip_model, clip_pretrained)
     connect(ray_address)
     try:
-        result = run_tokenize(raw, out, tokenizer, batch_size=batch_size, encoders=encoders,
+        result = run_tokenize(raw, out, tokenizer, clip=identity, batch_size=batch_size, encoders=encoders,
                               cpus_per_encoder=cpus_per_encoder, progress=progress)
     except InputError as err:
         fail(str(err))
     echo_tokenize_result(result, out)
+
+
+def _parse_bytes(text: str) -> int:
+    """'512MB', '4GB', '4GiB', '1e9' -> bytes (binary units)."""
+    import re
+
+    match = re.fullmatch(r"\s*([0-9.eE+]+)\s*([KMGT]?)(?:I?B)?\s*", text.upper())
+    if not match:
+        fail(f"--memory-budget {text!r}: expected a size such as 512MB or 4GB")
+    return int(float(match.group(1)) * 1024 ** " KMGT".index(match.group(2) or " "))
+
+
+@app.command("build-index")
+def build_index_command(
+    tokens: Path = typer.Argument(..., help="Token shards folder (cm3 tokenize / cm3 ingest --tokenizer)."),
+    index: Path = typer.Option(..., "--index", help="Folder for the FAISS index and the document store."),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder for the retrieval-augmented shards."),
+    k: int = typer.Option(2, min=0, help="Neighbours per document (the paper's default is 2)."),
+    max_similarity: float = typer.Option(0.9, help="Skip candidates more similar than this to the query or a chosen one."),
+    query_dropout: float = typer.Option(0.0, help="Drop this share of the query's words before embedding (0.2 in training)."),
+    memory_budget: str = typer.Option("4GB", help="Memory the index may use; picks Flat/HNSW/IVF/IVF-PQ."),
+    recall_target: float = typer.Option(0.95, help="Recall@10 against exact search the tuning must reach."),
+    clip: Optional[Path] = typer.Option(None, help=CLIP_DIR_HELP + " Needed when the shards have no vectors."),
+    clip_model: Optional[str] = typer.Option(None, help=CLIP_MODEL_HELP),
+    clip_pretrained: Optional[str] = typer.Option(None, help=CLIP_PRETRAINED_HELP),
+    ray_address: Optional[str] = typer.Option(None, help="Ray cluster to join; default: start a local one."),
+    progress: bool = typer.Option(True, help="Show progress bars."),
+) -> None:
+    """Index the documents' CLIP vectors with FAISS and give every document its retrieved neighbours.
+
+    Examples:
+
+      cm3 build-index data/tokens --index data/index --out data/augmented
+
+      cm3 build-index data/tokens --index data/index --out data/augmented --k 3 --memory-budget 16GB
+    """
+    from cm3.index.build import IndexSettings, check_build_inputs, run_build_index
+    from cm3.index.retrieval import RetrievalSettings
+    from cm3.workflows.ray_session import connect
+
+    identity = clip_identity(clip, clip_model, clip_pretrained)
+    try:
+        retrieval = RetrievalSettings(k=k, max_similarity=max_similarity, candidates=max(32, 8 * k + 1),
+                                      query_dropout=query_dropout)
+        check_build_inputs(tokens, identity)
+    except (InputError, ValueError) as err:
+        fail(str(err))
+    settings = IndexSettings(memory_budget_bytes=_parse_bytes(memory_budget), recall_target=recall_target,
+                             retrieval=retrieval)
+    connect(ray_address)
+    try:
+        report = run_build_index(tokens, index, out, clip=identity, settings=settings, progress=progress)
+    except (InputError, ValueError) as err:
+        fail(str(err))
+    info = report["index"]
+    typer.echo(f"index: {report['documents']} documents, {info.get('kind')} ({info.get('factory')}), "
+               f"recall@{info.get('k', 10)} {info.get('recall', float('nan')):.3f}; "
+               f"augmented shards: {report['augmented_shards_written']} written, "
+               f"{report['augmented_shards_skipped_complete']} already complete")
+
+
+@app.command()
+def search(
+    query: Optional[str] = typer.Argument(None, help="Text to search for."),
+    index: Path = typer.Option(..., "--index", help="Folder written by cm3 build-index."),
+    image: Optional[Path] = typer.Option(None, help="Search with an image instead of (or with) text."),
+    k: int = typer.Option(5, min=1, help="How many neighbours to show."),
+    sheet: Optional[Path] = typer.Option(None, help="Also write a contact sheet PNG of the results."),
+) -> None:
+    """Show a text or image query's nearest documents (key, caption, score).
+
+    Examples:
+
+      cm3 search "a red circle" --index data/index
+
+      cm3 search --image query.png --index data/index -k 8 --sheet results.png
+    """
+    import io
+
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    from cm3.index.build import load_for_search
+    from cm3.index.clip_embedder import ClipEmbedder
+    from cm3.pipeline import raw_shards
+    from cm3.workflows.report import image_grid
+
+    if query is None and image is None:
+        fail("give a text query, --image PATH, or both")
+    if image is not None and not image.is_file():
+        fail(f"{image}: no such image file")
+    try:
+        vector_index, store, identity = load_for_search(index)
+    except (FileNotFoundError, InputError) as err:
+        fail(str(err))
+    embedder = ClipEmbedder(identity["model_name"], identity["pretrained"])
+    picture = Image.open(image).convert("RGB") if image is not None else None
+    vector = embedder.embed_documents([picture], [query])
+    scores, ids = vector_index.search(vector, k)
+    documents = store.documents(["key", "caption", "source_shard"])
+    hits = [(int(i), float(s)) for i, s in zip(ids[0], scores[0]) if i >= 0]
+    for row, score in hits:
+        typer.echo(f"{score:.3f}\t{documents.column('key')[row].as_py()}\t{documents.column('caption')[row].as_py()}")
+    if sheet is not None:
+        raw_dir = Path(vector_index.metadata.get("raw_dir") or "")
+        pictures, captions = [], []
+        for row, score in hits:
+            key, shard = documents.column("key")[row].as_py(), documents.column("source_shard")[row].as_py()
+            table = pq.read_table(raw_shards.parquet_path(raw_dir, shard), columns=["key", "jpg"],
+                                  filters=[("key", "=", key)])
+            pictures.append(Image.open(io.BytesIO(table.column("jpg")[0].as_py())))
+            captions.append(f"{score:.2f} {documents.column('caption')[row].as_py()}")
+        image_grid(pictures, captions, cols=min(4, len(pictures))).save(sheet)
+        typer.echo(f"contact sheet: {sheet}")
 
 
 @model_app.command("init")

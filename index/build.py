@@ -1,0 +1,214 @@
+"""`cm3 build-index`: token shards -> document store + FAISS index -> retrieval-augmented shards.
+
+1. ``write_doc_store``: every document's tokens and CLIP vectors by row id (memory-mapped), with
+   the vectors from the token shards (computed in the tokenize pass), or computed here by a CLIP
+   model for shards without them.
+2. ``build_index``: the FAISS index chosen for the count, dimension and memory budget, tuned to the
+   recall target, saved with the CLIP identity so queries embedded by another model are refused.
+3. Retrieval over Ray Data: an actor pool opens the index and the store memory-mapped and picks
+   each row's neighbours with the paper's filters (``select_neighbours``); the driver commits one
+   augmented shard per token shard (``ShardAssembler``), so a killed run resumes per shard.
+
+Augmented shard = the token shard's columns plus ``neighbour_keys`` (list<string>),
+``neighbour_scores`` (list<float32>), ``neighbour_text_ids`` (list<list<int32>>: BPE ids) and
+``neighbour_image_ids`` (list<fixed_size_list<int16>[tokens_per_image]>: VQ codes).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm import tqdm
+
+from cm3.index.doc_store import DocStore, normalise, write_doc_store
+from cm3.index.retrieval import RetrievalSettings, drop_query_tokens, select_neighbours
+from cm3.pipeline import raw_shards
+from cm3.pipeline.shard_assembler import ShardAssembler
+from cm3.pipeline.tokenize import read_tokens_config
+from cm3.pipeline.url_list import InputError
+
+DOCS_DIR = "docs"
+FAISS_DIR = "faiss"
+REPORT_FILE = "build_report.json"
+
+
+@dataclass(frozen=True)
+class IndexSettings:
+    memory_budget_bytes: int = 4 * 2**30
+    recall_target: float = 0.95
+    retrieval: RetrievalSettings = field(default_factory=RetrievalSettings)
+    seed: int = 0
+
+
+def augmented_schema(token_schema: pa.Schema, tokens_per_image: int) -> pa.Schema:
+    return token_schema.append(pa.field("neighbour_keys", pa.list_(pa.string()))) \
+        .append(pa.field("neighbour_scores", pa.list_(pa.float32()))) \
+        .append(pa.field("neighbour_text_ids", pa.list_(pa.list_(pa.int32())))) \
+        .append(pa.field("neighbour_image_ids", pa.list_(pa.list_(pa.int16(), tokens_per_image))))
+
+
+def check_build_inputs(tokens_dir: Path, clip: dict | None) -> tuple[dict, list[int], dict]:
+    """(token folder config, complete shard ids, the CLIP identity to use); errors before any work."""
+    config = read_tokens_config(tokens_dir)
+    shards = raw_shards.complete_shards(Path(tokens_dir))
+    if not shards or sum(raw_shards.read_stats(tokens_dir, s).get("kept", 0) for s in shards) == 0:
+        raise InputError(f"{tokens_dir}: no tokenized documents to index (empty data set)")
+    stored = config.get("clip")
+    if stored is None and clip is None:
+        raise InputError(f"{tokens_dir}: the token shards have no CLIP vectors and no CLIP model was given to "
+                         "compute them (--clip DIR or --clip-model NAME)")
+    if stored is not None and clip is not None and stored != clip:
+        raise InputError(f"{tokens_dir}: the token shards' vectors come from CLIP {stored}, not {clip}; "
+                         "vectors of two models cannot share one index")
+    return config, shards, stored or clip
+
+
+def _embed_from_raw(raw_dir: Path, identity: dict):
+    """For shards without vectors: CLIP over the raw JPEGs (by key) and the captions."""
+    import io
+
+    from PIL import Image
+
+    from cm3.index.clip_embedder import ClipEmbedder
+
+    embedder = ClipEmbedder(identity["model_name"], identity["pretrained"])
+
+    def embed(table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+        shard = int(table.column("source_shard")[0].as_py())
+        raw = pq.read_table(raw_shards.parquet_path(raw_dir, shard), columns=["key", "jpg"])
+        jpg_by_key = dict(zip(raw.column("key").to_pylist(), raw.column("jpg").to_pylist()))
+        images = [Image.open(io.BytesIO(jpg_by_key[key])).convert("RGB") for key in table.column("key").to_pylist()]
+        return embedder.embed_images(images), embedder.embed_texts([c or "" for c in table.column("caption").to_pylist()])
+
+    return embed, embedder.dim
+
+
+class RetrieveBatch:
+    """Ray Data actor: neighbours for a batch of token rows, with their tokens attached."""
+
+    def __init__(self, index_dir: str, settings: RetrievalSettings, clip: dict | None, seed: int):
+        from cm3.index.faiss_index import VectorIndex
+
+        self.index = VectorIndex.load(Path(index_dir) / FAISS_DIR, mmap=True, threads=1)
+        self.store = DocStore(Path(index_dir) / DOCS_DIR)
+        keys = self.store.documents(["key"]).column("key").to_pylist()
+        self.row_of = {key: row for row, key in enumerate(keys)}
+        self.keys = keys
+        self.settings = settings
+        self.rng = np.random.default_rng(seed)
+        self.embedder = None
+        if settings.query_dropout > 0:
+            from cm3.index.clip_embedder import ClipEmbedder
+
+            self.embedder = ClipEmbedder(clip["model_name"], clip["pretrained"])
+
+    def _queries(self, rows: list[int], captions: list[str]) -> np.ndarray:
+        if self.embedder is None:
+            return np.asarray(self.store.vectors[rows], dtype=np.float32)
+        dropped = [drop_query_tokens(c or "", self.settings.query_dropout, self.rng) for c in captions]
+        text = self.embedder.embed_texts(dropped)
+        return normalise(normalise(np.asarray(self.store.image_vectors[rows], np.float32)) + text)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = [self.row_of[key] for key in batch.column("key").to_pylist()]
+        scores, ids = self.index.search(self._queries(rows, batch.column("caption").to_pylist()),
+                                        self.settings.candidates)
+        keys, chosen_scores, texts, images = [], [], [], []
+        for row, row_scores, row_ids in zip(rows, scores, ids):
+            chosen, kept_scores = select_neighbours(row, row_ids, row_scores, self.store.vectors,
+                                                    self.store.multimodal, self.settings)
+            keys.append([self.keys[c] for c in chosen])
+            chosen_scores.append(kept_scores)
+            texts.append([self.store.text(c) for c in chosen])
+            images.append([np.asarray(self.store.image_ids[c]).tolist() for c in chosen])
+        tokens = self.store.meta["tokens_per_image"]
+        return batch.append_column("neighbour_keys", pa.array(keys, pa.list_(pa.string()))) \
+            .append_column("neighbour_scores", pa.array(chosen_scores, pa.list_(pa.float32()))) \
+            .append_column("neighbour_text_ids", pa.array(texts, pa.list_(pa.list_(pa.int32())))) \
+            .append_column("neighbour_image_ids", pa.array(images, pa.list_(pa.list_(pa.int16(), tokens)))) \
+            .append_column("error", pa.nulls(batch.num_rows, pa.string()))
+
+
+def run_build_index(tokens_dir: Path, index_dir: Path, augmented_dir: Path, *, clip: dict | None = None,
+                    settings: IndexSettings = IndexSettings(), actors: int | None = None,
+                    progress: bool = True) -> dict:
+    """Build (or reuse) the store and index in ``index_dir``, then write augmented shards (needs Ray)."""
+    import ray
+
+    from cm3.index.faiss_index import VectorIndex, build_index
+
+    tokens_dir, index_dir, augmented_dir = Path(tokens_dir), Path(index_dir), Path(augmented_dir)
+    config, shards, identity = check_build_inputs(tokens_dir, clip)
+    tokens_per_image = int(config["tokens_per_image"])
+    started = time.time()
+    if not (index_dir / FAISS_DIR / "index.json").exists():
+        embed, dim = (None, int(config["clip_dim"])) if config.get("clip") else _embed_from_raw(
+            Path(config["raw_dir"]), identity)
+        with tqdm(desc="documents", unit="doc", disable=not progress) as bar:
+            store = write_doc_store(index_dir / DOCS_DIR, [raw_shards.parquet_path(tokens_dir, s) for s in shards],
+                                    tokens_per_image, dim, identity, embed_missing=embed, progress=bar.update)
+        vectors = np.asarray(store.vectors, dtype=np.float32)
+        metadata = {"clip": identity, "tokens_dir": str(tokens_dir.resolve()), "raw_dir": config.get("raw_dir"),
+                    "tokenizer_sha256": config["tokenizer_sha256"]}
+        built = build_index(vectors, np.arange(len(vectors), dtype=np.int64),
+                            memory_budget_bytes=settings.memory_budget_bytes, recall_target=settings.recall_target,
+                            seed=settings.seed, metadata=metadata, progress=progress)
+        built.save(index_dir / FAISS_DIR)
+    index_info = VectorIndex.load(index_dir / FAISS_DIR).info
+    index_seconds = time.time() - started
+
+    done = set(raw_shards.complete_shards(augmented_dir)) if augmented_dir.exists() else set()
+    augmented_dir.mkdir(parents=True, exist_ok=True)
+    raw_shards.clear_staging(augmented_dir)
+    expected = {s: pq.ParquetFile(raw_shards.parquet_path(tokens_dir, s)).metadata.num_rows
+                for s in shards if s not in done}
+    token_schema = pq.read_schema(raw_shards.parquet_path(tokens_dir, shards[0]))
+    assembler = ShardAssembler(augmented_dir, expected, augmented_schema(token_schema, tokens_per_image),
+                               {"retrieval": asdict(settings.retrieval)})
+    for shard_id in [s for s, count in expected.items() if count == 0]:
+        assembler.commit(shard_id)
+    pending = [s for s, count in expected.items() if count > 0]
+    retrieval_started = time.time()
+    if pending:
+        actors = actors or max(1, int(ray.cluster_resources().get("CPU", 1) // 2))
+        dataset = ray.data.read_parquet([str(raw_shards.parquet_path(tokens_dir, s)) for s in pending]).map_batches(
+            RetrieveBatch,
+            fn_constructor_kwargs={"index_dir": str(index_dir.resolve()), "settings": settings.retrieval,
+                                   "clip": identity, "seed": settings.seed},
+            batch_size=256, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=1,
+        )
+        with tqdm(total=sum(expected[s] for s in pending), desc="retrieve", unit="doc", disable=not progress) as bar:
+            for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
+                bar.update(assembler.add(batch))
+    raw_shards.clear_staging(augmented_dir)
+    if assembler.missing():
+        raise RuntimeError(f"build-index: shards {assembler.missing()} did not receive all their rows; run again")
+    report = {
+        "documents": DocStore(index_dir / DOCS_DIR).size,
+        "index": index_info,
+        "clip": identity,
+        "augmented_shards_written": len(assembler.written),
+        "augmented_shards_skipped_complete": len(done),
+        "index_seconds": round(index_seconds, 2),
+        "retrieval_seconds": round(time.time() - retrieval_started, 2),
+        "retrieval": asdict(settings.retrieval),
+    }
+    raw_shards.write_json_atomic(index_dir / REPORT_FILE, report)
+    return report
+
+
+def load_for_search(index_dir: Path, clip: dict | None = None):
+    """(VectorIndex, DocStore, the CLIP identity); refuses a query model other than the index's."""
+    from cm3.index.faiss_index import VectorIndex
+
+    index = VectorIndex.load(Path(index_dir) / FAISS_DIR)
+    stored = index.metadata.get("clip")
+    if clip is not None and clip != stored:
+        raise InputError(f"{index_dir}: built with CLIP {stored}; the query model {clip} would give vectors "
+                         "from another space")
+    return index, DocStore(Path(index_dir) / DOCS_DIR), stored
