@@ -1,0 +1,300 @@
+"""Decoding for CM3Leon: text-to-image with classifier-free guidance and contrastive decoding (CD-K), and text
+(captions, VQA answers), over the decoder's static KV cache.
+
+Layouts (the paper's):
+
+    text -> image   <eod> [retrieved doc <break>]* caption <break>  -> tokens_per_image image ids, then <break>
+    unconditional   <eod> <mask:0> <break>                          (the CFG / CD-K amateur stream)
+    image -> text   <eod> IMG <break> [question]                    -> text ids until <eod>
+
+Guidance runs the conditional and unconditional streams as one batch of 2B rows (cond rows first), each row with
+its own KV-cache row, so every step is one forward pass.
+
+Padding: the decoder takes no attention mask, so prompts of different lengths are LEFT-padded with <pad> tokens
+that the model does see (and learned positions shift by the pad count). The trade-off: no decoder change and one
+static cache layout, at the price of a slight distribution shift for short prompts batched beside long ones
+(the 3-token unconditional prompt always is). Equal-length prompts are exact.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from numpy.typing import ArrayLike
+
+from cm3.model.decoder import CM3
+from cm3.tokenizers.multimodal import MultimodalTokenizer
+from cm3.tokenizers.vocabulary import Vocabulary
+
+METHODS = ("top_p", "cd_k", "greedy")
+ROW_METHODS = ("top_p", "cd_k")  # what a per-row mix may hold (the paper's FID recipe mixes these two)
+
+
+@dataclass
+class SamplingConfig:
+    """How to pick each next token. `guidance_scale` is CFG's alpha_c (1.0: no guidance); `cd_alpha`/`cd_k` are
+    CD-K's plausibility cut-off (not published; 0.1 is CD's usual alpha, k is our choice)."""
+
+    temperature: float = 1.0
+    top_p: float = 0.9
+    guidance_scale: float = 3.0
+    method: str = "top_p"
+    cd_alpha: float = 0.1
+    cd_k: int = 5
+    seed: int | None = 0
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not 0 <= self.cd_alpha <= 1:
+            raise ValueError(f"cd_alpha must be in [0, 1], got {self.cd_alpha}")
+        if self.cd_k < 1:
+            raise ValueError(f"cd_k must be >= 1, got {self.cd_k}")
+
+
+# --- pure functions on logits --------------------------------------------------------------------------------
+
+
+def apply_guidance(cond_logits: torch.Tensor, uncond_logits: torch.Tensor, scale: float) -> torch.Tensor:
+    """CFG: uncond + scale * (cond - uncond), written as cond + (scale - 1) * (cond - uncond) so that scale 1
+    returns the conditional logits bit for bit."""
+    return cond_logits + (scale - 1.0) * (cond_logits - uncond_logits)
+
+
+def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Nucleus filter: keep the smallest set of most probable tokens whose probability reaches top_p (one sort);
+    the rest become -inf."""
+    if top_p >= 1.0:
+        return logits
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    probs = sorted_logits.softmax(dim=-1)
+    mass_before = probs.cumsum(dim=-1) - probs  # mass of the strictly more probable tokens
+    drop_sorted = mass_before >= top_p  # the top token always stays (mass_before 0 < top_p)
+    drop = drop_sorted.scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def cd_k_scores(expert_logits: torch.Tensor, amateur_logits: torch.Tensor, alpha: float, k: int) -> torch.Tensor:
+    """CD-K: log p_exp - log p_ama on V = {t : p_exp(t) >= alpha * (k-th largest p_exp)}, -inf elsewhere.
+    k = 1 is contrastive decoding's max rule (Li et al. 2022)."""
+    log_expert = expert_logits.log_softmax(dim=-1)
+    log_amateur = amateur_logits.log_softmax(dim=-1)
+    kth = log_expert.topk(min(k, log_expert.shape[-1]), dim=-1).values[..., -1:]
+    floor = kth + (math.log(alpha) if alpha > 0 else float("-inf"))
+    return (log_expert - log_amateur).masked_fill(log_expert < floor, float("-inf"))
+
+
+def restrict_to(logits: torch.Tensor, allowed_mask: torch.Tensor) -> torch.Tensor:
+    """-inf outside allowed_mask [V] (or broadcastable), e.g. text ids + <eod> while captioning."""
+    return logits.masked_fill(~allowed_mask, float("-inf"))
+
+
+def sample(scores: torch.Tensor, temperature: float, generator: torch.Generator | None) -> torch.Tensor:
+    """One draw per row from softmax(scores / temperature) [B, V] -> [B], by the exponential-race trick
+    (argmax of p / Exp(1)), which needs no CPU sync, unlike torch.multinomial."""
+    probs = (scores / temperature).softmax(dim=-1)
+    race = torch.empty_like(probs).exponential_(1.0, generator=generator)
+    return probs.div_(race).argmax(dim=-1)
+
+
+def next_image_token(cond: torch.Tensor, uncond: torch.Tensor, sampling: SamplingConfig,
+                     use_cd: torch.Tensor | None, generator: torch.Generator | None) -> torch.Tensor:
+    """Next token per row [B] from the two streams' logits [B, V'], with CFG + top-p, greedy, or (rows where
+    use_cd) CD-K; use_cd None means every row follows sampling.method."""
+    if sampling.method == "greedy" and use_cd is None:
+        return apply_guidance(cond, uncond, sampling.guidance_scale).argmax(dim=-1)
+    if sampling.method == "cd_k" and use_cd is None:
+        return sample(cd_k_scores(cond, uncond, sampling.cd_alpha, sampling.cd_k), sampling.temperature, generator)
+    guided = top_p_filter(apply_guidance(cond, uncond, sampling.guidance_scale) / sampling.temperature,
+                          sampling.top_p)
+    if use_cd is not None:
+        contrast = cd_k_scores(cond, uncond, sampling.cd_alpha, sampling.cd_k) / sampling.temperature
+        guided = torch.where(use_cd[:, None], contrast, guided)
+    return sample(guided, 1.0, generator)
+
+
+# --- prompts --------------------------------------------------------------------------------------------------
+
+
+def image_prompt(vocab: Vocabulary, caption_ids: Sequence[int], retrieved: Sequence[Sequence[int]] = ()) -> list[int]:
+    """`<eod> [doc <break>]* caption <break>`: the conditional text-to-image prompt (joint ids)."""
+    ids = [vocab.eod]
+    for doc in retrieved:
+        ids += [*doc, vocab.break_]
+    return ids + [*caption_ids, vocab.break_]
+
+
+def unconditional_prompt(vocab: Vocabulary) -> list[int]:
+    """`<eod> <mask:0> <break>`: the prompt text replaced by the CM3 mask token, as in the paper's CFG."""
+    return [vocab.eod, vocab.sentinel(0), vocab.break_]
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Prompts -> LongTensor [B, max len], shorter ones padded on the left so every row ends at the same position."""
+    length = max(len(p) for p in prompts)
+    return torch.tensor([[pad] * (length - len(p)) + list(p) for p in prompts], dtype=torch.long, device=device)
+
+
+def check_vocab(model: CM3, vocab: Vocabulary) -> None:
+    if model.config.vocab_size != vocab.size:
+        raise ValueError(f"the model's vocab_size is {model.config.vocab_size} but the tokenizer's vocabulary has "
+                         f"{vocab.size} ids; load the checkpoint that was trained with this tokenizer")
+
+
+def check_room(model: CM3, prompt_len: int, new_tokens: int) -> None:
+    limit = model.config.max_seq_len
+    if prompt_len + new_tokens > limit:
+        raise ValueError(f"a prompt of {prompt_len} tokens plus {new_tokens} to generate exceeds the model's "
+                         f"max_seq_len {limit}: shorten the prompt (or use fewer retrieved documents)")
+
+
+def default_generator(sampling: SamplingConfig, device: torch.device) -> torch.Generator:
+    generator = torch.Generator(device=device)
+    if sampling.seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(sampling.seed)
+    return generator
+
+
+# --- decoding loops -------------------------------------------------------------------------------------------
+
+
+@torch.inference_mode()
+def generate_image_tokens(model: CM3, vocab: Vocabulary, prompts: Sequence[Sequence[int]], tokens_per_image: int,
+                          sampling: SamplingConfig, methods_per_row: Sequence[str] | None = None,
+                          generator: torch.Generator | None = None) -> torch.Tensor:
+    """Joint image ids [B, tokens_per_image], one image per prompt (each ending with <break>).
+
+    One prefill over the 2B cond+uncond rows, then one forward per token; only the image slice of the logits is
+    used, so every sampled id is an image id. The closing <break> is forced, not sampled, so it is not returned.
+    """
+    check_vocab(model, vocab)
+    if not prompts or tokens_per_image < 1:
+        raise ValueError(f"need prompts and tokens_per_image >= 1, got {len(prompts)} and {tokens_per_image}")
+    if any(not p or p[-1] != vocab.break_ for p in prompts):
+        raise ValueError("every text-to-image prompt must end with <break> (see image_prompt)")
+    B = len(prompts)
+    device = model.tok_emb.weight.device
+    use_cd = None
+    if methods_per_row is not None:
+        if len(methods_per_row) != B or any(m not in ROW_METHODS for m in methods_per_row):
+            raise ValueError(f"methods_per_row needs one of {ROW_METHODS} per prompt ({B}), got {methods_per_row}")
+        use_cd = torch.tensor([m == "cd_k" for m in methods_per_row], device=device)
+    generator = generator or default_generator(sampling, device)
+
+    ids = left_pad([*prompts, *[unconditional_prompt(vocab)] * B], vocab.pad, device)
+    prompt_len = ids.shape[1]
+    check_room(model, prompt_len, tokens_per_image + 1)  # + the closing <break>
+    lo, hi = vocab.image_offset, vocab.size
+    cache = model.new_kv_cache(2 * B, prompt_len + tokens_per_image - 1)
+    logits = model(ids, kv_cache=cache)[:, -1, lo:hi]
+    out = torch.empty(B, tokens_per_image, dtype=torch.long, device=device)
+    step_ids = torch.empty(2 * B, 1, dtype=torch.long, device=device)
+    for i in range(tokens_per_image):
+        codes = next_image_token(logits[:B], logits[B:], sampling, use_cd, generator)
+        out[:, i] = codes
+        if i + 1 == tokens_per_image:
+            break
+        step_ids.view(2, B).copy_(codes + lo)  # the uncond rows continue with the same image
+        logits = model(step_ids, kv_cache=cache, start_pos=prompt_len + i)[:, -1, lo:hi]
+    return out + lo
+
+
+@torch.inference_mode()
+def generate_text(model: CM3, vocab: Vocabulary, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+                  sampling: SamplingConfig, stop_ids: Sequence[int] = (Vocabulary.eod,),
+                  generator: torch.Generator | None = None) -> list[list[int]]:
+    """New text ids per prompt (the stop id not included), restricted to text ids + stop_ids; a row stops at its
+    first stop id, the batch when every row has stopped or after max_new_tokens. No guidance: greedy or top-p."""
+    check_vocab(model, vocab)
+    if sampling.method not in ("greedy", "top_p"):
+        raise ValueError(f"text generation samples greedy or top_p, got {sampling.method!r}")
+    if not prompts or any(not p for p in prompts) or max_new_tokens < 1:
+        raise ValueError("need non-empty prompts and max_new_tokens >= 1")
+    device = model.tok_emb.weight.device
+    generator = generator or default_generator(sampling, device)
+    ids = left_pad(prompts, vocab.pad, device)
+    B, prompt_len = ids.shape
+    check_room(model, prompt_len, max_new_tokens)
+    allowed = torch.zeros(vocab.size, dtype=torch.bool, device=device)
+    allowed[vocab.text_offset:vocab.image_offset] = True
+    stops = torch.tensor(list(stop_ids), dtype=torch.long, device=device)
+    allowed[stops] = True
+
+    cache = model.new_kv_cache(B, prompt_len + max_new_tokens)
+    logits = model(ids, kv_cache=cache)[:, -1]
+    out = torch.full((B, max_new_tokens), vocab.pad, dtype=torch.long, device=device)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    steps = 0
+    for i in range(max_new_tokens):
+        logits = restrict_to(logits, allowed)
+        if sampling.method == "greedy":
+            token = logits.argmax(dim=-1)
+        else:
+            token = sample(top_p_filter(logits / sampling.temperature, sampling.top_p), 1.0, generator)
+        token = token.masked_fill(done, vocab.pad)
+        out[:, i] = token
+        steps = i + 1
+        done |= torch.isin(token, stops)
+        if bool(done.all()) or steps == max_new_tokens:
+            break
+        logits = model(token[:, None], kv_cache=cache, start_pos=prompt_len + i)[:, -1]
+    return [_until_stop(row, set(stop_ids)) for row in out[:, :steps].tolist()]
+
+
+def _until_stop(row: list[int], stops: set[int]) -> list[int]:
+    return next((row[:i] for i, t in enumerate(row) if t in stops), row)
+
+
+# --- tokenizer-level entry points -----------------------------------------------------------------------------
+
+
+def text_to_image(model: CM3, tokenizer: MultimodalTokenizer, prompt: str, n: int,
+                  sampling: SamplingConfig | None = None,
+                  retrieved: Sequence[tuple[str, ArrayLike | torch.Tensor]] | None = None,
+                  mix: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """n images for one caption -> (images float [n, 3, H, W] in [-1, 1], image ids [n, tokens_per_image]).
+
+    `retrieved` are (caption, VQ codes) documents prepended as `text <break> IMG <break>`; `mix` samples the
+    first half of the rows with top-p and the rest with CD-K (the paper's best FID recipe, before CLIP re-ranking).
+    """
+    sampling = sampling or SamplingConfig()
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    docs = [tokenizer.document(caption, codes, "caption_first") for caption, codes in retrieved or ()]
+    ids = image_prompt(tokenizer.vocab, tokenizer.encode_caption(prompt), docs)
+    methods = ["top_p"] * (n - n // 2) + ["cd_k"] * (n // 2) if mix else None
+    image_ids = generate_image_tokens(model, tokenizer.vocab, [ids] * n, tokenizer.tokens_per_image, sampling,
+                                      methods)
+    return tokenizer.decode_image(image_ids), image_ids
+
+
+def caption_image(model: CM3, tokenizer: MultimodalTokenizer, images: torch.Tensor, question: str | None = None,
+                  sampling: SamplingConfig | None = None, max_new_tokens: int = 32) -> list[str]:
+    """Captions (or, given a question, VQA answers) for images float [B, 3, H, W] in [-1, 1]:
+    `<eod> IMG <break> [question]` then text until <eod>."""
+    sampling = sampling or SamplingConfig(method="greedy")
+    vocab = tokenizer.vocab
+    image_ids = tokenizer.encode_image(images).tolist()
+    tail = tokenizer.encode_caption(question) if question else []
+    prompts = [[vocab.eod, *row, vocab.break_, *tail] for row in image_ids]
+    answers = generate_text(model, vocab, prompts, max_new_tokens, sampling)
+    return [tokenizer.decode_text(ids) for ids in answers]
+
+
+def rerank_by_clip(images: torch.Tensor, prompt: str,
+                   clip_score_fn: Callable[[torch.Tensor, str], torch.Tensor]) -> torch.Tensor:
+    """Indices of images [n, 3, H, W] from best to worst CLIP score against prompt (the paper's FID re-ranking);
+    clip_score_fn(images, text) -> scores [n]."""
+    scores = torch.as_tensor(clip_score_fn(images, prompt)).flatten()
+    if scores.numel() != images.shape[0]:
+        raise ValueError(f"clip_score_fn returned {scores.numel()} scores for {images.shape[0]} images")
+    return scores.argsort(descending=True, stable=True)
