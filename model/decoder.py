@@ -75,9 +75,12 @@ class KVCache:
 
 
 def rope_angles(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin [T, head_dim/2] in float32, computed per call so they never get cast to bf16 with the model."""
+    """cos/sin [T, head_dim/2] (or [B, 1, T, head_dim/2] for per-row positions [B, T]) in float32, computed per
+    call so they never get cast to bf16 with the model."""
     inv_freq = theta ** (-torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
-    angles = positions.float()[:, None] * inv_freq[None, :]
+    angles = positions.float()[..., None] * inv_freq
+    if positions.dim() == 2:
+        angles = angles[:, None]
     return angles.cos(), angles.sin()
 
 
@@ -97,6 +100,18 @@ def causal_kwargs(q_len: int, k_len: int, device: torch.device) -> dict:
     return {"attn_mask": mask}
 
 
+def padded_causal_mask(q_len: int, key_padding: torch.Tensor) -> torch.Tensor:
+    """Bool SDPA mask [B, 1, q_len, k_len]: causal, left-padding keys hidden (key_padding [B, k_len], True = pad).
+
+    A pad query still sees itself, so no row is all-masked (that would give NaN, and NaN values in the cache
+    would leak into real rows through 0 * NaN)."""
+    k_len = key_padding.shape[1]
+    causal = torch.ones(q_len, k_len, dtype=torch.bool, device=key_padding.device).tril(diagonal=k_len - q_len)
+    own = torch.zeros_like(causal)
+    own[torch.arange(q_len), torch.arange(k_len - q_len, k_len)] = True
+    return (causal & ~key_padding[:, None, None, :]) | own
+
+
 class Attention(nn.Module):
     def __init__(self, config: CM3Config, layer: int):
         super().__init__()
@@ -107,7 +122,7 @@ class Attention(nn.Module):
         self.k_norm = nn.LayerNorm(config.head_dim, elementwise_affine=False) if config.qk_norm else None
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
-                kv_cache: KVCache | None, start_pos: int) -> torch.Tensor:
+                kv_cache: KVCache | None, start_pos: int, mask: torch.Tensor | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         if self.q_norm is not None:
@@ -116,7 +131,8 @@ class Attention(nn.Module):
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer, start_pos, k, v)
-        y = F.scaled_dot_product_attention(q, k, v, **causal_kwargs(T, k.shape[2], x.device))
+        masking = {"attn_mask": mask} if mask is not None else causal_kwargs(T, k.shape[2], x.device)
+        y = F.scaled_dot_product_attention(q, k, v, **masking)
         return self.out(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -143,8 +159,8 @@ class Block(nn.Module):
         self.mlp = MLP(config)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
-                kv_cache: KVCache | None, start_pos: int) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), rope, kv_cache, start_pos)
+                kv_cache: KVCache | None, start_pos: int, mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), rope, kv_cache, start_pos, mask)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -173,10 +189,14 @@ class CM3(nn.Module):
             nn.init.zeros_(block.attn.out.weight)
             nn.init.zeros_(block.mlp.down.weight)
 
-    def forward(self, ids: torch.Tensor, *, kv_cache: KVCache | None = None, start_pos: int = 0) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor, *, kv_cache: KVCache | None = None, start_pos: int = 0,
+                key_padding: torch.Tensor | None = None) -> torch.Tensor:
         """ids [B, T] at positions [start_pos, start_pos + T) -> float32 logits [B, T, vocab].
 
         With `kv_cache`, keys/values of these positions are written to it and earlier ones are read from it.
+        `key_padding` [B, start_pos + T] (True = padding) makes left-padding invisible: pads are hidden from
+        attention and each row's positions start after its pads, so a padded prompt gives the same logits as
+        the prompt alone (generation batches prompts of different lengths this way).
         """
         T = ids.shape[1]
         if start_pos + T > self.config.max_seq_len:
@@ -184,14 +204,17 @@ class CM3(nn.Module):
         if start_pos and kv_cache is None:
             raise ValueError("start_pos > 0 needs the kv_cache that holds positions [0, start_pos)")
         positions = torch.arange(start_pos, start_pos + T, device=ids.device)
+        if key_padding is not None:  # per-row positions counted from the first real token
+            positions = (positions[None, :] - key_padding.sum(dim=1, keepdim=True)).clamp(min=0)
         x = self.tok_emb(ids)
         rope = None
         if self.pos_emb is not None:
             x = x + self.pos_emb(positions)
         else:
             rope = rope_angles(positions, self.config.head_dim, self.config.rope_theta)
+        mask = None if key_padding is None else padded_causal_mask(T, key_padding)
         for block in self.blocks:
-            x = block(x, rope, kv_cache, start_pos)
+            x = block(x, rope, kv_cache, start_pos, mask)
         weight = self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
         return F.linear(self.norm(x), weight).float()
 

@@ -10,10 +10,10 @@ Layouts (the paper's):
 Guidance runs the conditional and unconditional streams as one batch of 2B rows (cond rows first), each row with
 its own KV-cache row, so every step is one forward pass.
 
-Padding: the decoder takes no attention mask, so prompts of different lengths are LEFT-padded with <pad> tokens
-that the model does see (and learned positions shift by the pad count). The trade-off: no decoder change and one
-static cache layout, at the price of a slight distribution shift for short prompts batched beside long ones
-(the 3-token unconditional prompt always is). Equal-length prompts are exact.
+Padding: prompts of different lengths (the 3-token unconditional prompt always is shorter) are LEFT-padded with
+<pad>, and the decoder's `key_padding` hides the pads from attention, so every row attends only to its own
+prompt. Learned positions shift by the pad count; training packs documents at every offset of a window, so the
+model does not rely on a document starting at position 0.
 """
 
 from __future__ import annotations
@@ -142,6 +142,18 @@ def left_pad(prompts: Sequence[Sequence[int]], pad: int, device: torch.device | 
     return torch.tensor([[pad] * (length - len(p)) + list(p) for p in prompts], dtype=torch.long, device=device)
 
 
+def key_padding(ids: torch.Tensor, vocab: Vocabulary, new_tokens: int) -> torch.Tensor | None:
+    """[B, prompt + new] True at the left padding of each prompt; None when no row is padded (fast path)."""
+    pads = ids == vocab.pad
+    if not bool(pads.any()):
+        return None
+    return torch.cat([pads, pads.new_zeros(ids.shape[0], new_tokens)], dim=1)
+
+
+def _upto(padding: torch.Tensor | None, length: int) -> torch.Tensor | None:
+    return None if padding is None else padding[:, :length]
+
+
 def check_vocab(model: CM3, vocab: Vocabulary) -> None:
     if model.config.vocab_size != vocab.size:
         raise ValueError(f"the model's vocab_size is {model.config.vocab_size} but the tokenizer's vocabulary has "
@@ -195,7 +207,8 @@ def generate_image_tokens(model: CM3, vocab: Vocabulary, prompts: Sequence[Seque
     check_room(model, prompt_len, tokens_per_image + 1)  # + the closing <break>
     lo, hi = vocab.image_offset, vocab.size
     cache = model.new_kv_cache(2 * B, prompt_len + tokens_per_image - 1)
-    logits = model(ids, kv_cache=cache)[:, -1, lo:hi]
+    padding = key_padding(ids, vocab, tokens_per_image)
+    logits = model(ids, kv_cache=cache, key_padding=_upto(padding, prompt_len))[:, -1, lo:hi]
     out = torch.empty(B, tokens_per_image, dtype=torch.long, device=device)
     step_ids = torch.empty(2 * B, 1, dtype=torch.long, device=device)
     for i in range(tokens_per_image):
@@ -204,7 +217,8 @@ def generate_image_tokens(model: CM3, vocab: Vocabulary, prompts: Sequence[Seque
         if i + 1 == tokens_per_image:
             break
         step_ids.view(2, B).copy_(codes + lo)  # the uncond rows continue with the same image
-        logits = model(step_ids, kv_cache=cache, start_pos=prompt_len + i)[:, -1, lo:hi]
+        logits = model(step_ids, kv_cache=cache, start_pos=prompt_len + i,
+                       key_padding=_upto(padding, prompt_len + i + 1))[:, -1, lo:hi]
     return out + lo
 
 
@@ -230,7 +244,8 @@ def generate_text(model: CM3, vocab: Vocabulary, prompts: Sequence[Sequence[int]
     allowed[stops] = True
 
     cache = model.new_kv_cache(B, prompt_len + max_new_tokens)
-    logits = model(ids, kv_cache=cache)[:, -1]
+    padding = key_padding(ids, vocab, max_new_tokens)
+    logits = model(ids, kv_cache=cache, key_padding=_upto(padding, prompt_len))[:, -1]
     out = torch.full((B, max_new_tokens), vocab.pad, dtype=torch.long, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
     steps = 0
@@ -246,7 +261,8 @@ def generate_text(model: CM3, vocab: Vocabulary, prompts: Sequence[Sequence[int]
         done |= torch.isin(token, stops)
         if bool(done.all()) or steps == max_new_tokens:
             break
-        logits = model(token[:, None], kv_cache=cache, start_pos=prompt_len + i)[:, -1]
+        logits = model(token[:, None], kv_cache=cache, start_pos=prompt_len + i,
+                       key_padding=_upto(padding, prompt_len + i + 1))[:, -1]
     return [_until_stop(row, set(stop_ids)) for row in out[:, :steps].tolist()]
 
 

@@ -136,15 +136,15 @@ def test_guidance_scale_one_equals_plain_conditional_sampling(model):
     sampling = SamplingConfig(guidance_scale=1.0, top_p=0.9, temperature=0.8, seed=3)
     ours = generate_image_tokens(model, VOCAB, prompts, 12, sampling)
 
-    # reference: only the conditional rows, padded to the length they have beside the unconditional rows,
-    # full forward every step (no cache)
+    # reference: only the conditional rows, padded to the length they have beside the unconditional rows
+    # (padding hidden from attention), full forward every step (no cache)
     length = max(len(p) for p in [*prompts, unconditional_prompt(VOCAB)])
     seq = left_pad([[VOCAB.pad] * (length - len(p)) + p for p in prompts], VOCAB.pad)
     generator = torch.Generator().manual_seed(3)
     lo = VOCAB.image_offset
     with torch.no_grad():
         for _ in range(12):
-            logits = model(seq)[:, -1, lo:]
+            logits = model(seq, key_padding=seq == VOCAB.pad)[:, -1, lo:]
             token = sample(top_p_filter(logits / 0.8, 0.9), 1.0, generator) + lo
             seq = torch.cat([seq, token[:, None]], dim=1)
     assert torch.equal(ours, seq[:, length:])
@@ -162,10 +162,23 @@ def test_kv_cache_decoding_equals_full_recompute_under_greedy(model):
     start = seq.shape[1]
     with torch.no_grad():
         for _ in range(6):
-            logits = model(seq)[:, -1, lo:]
+            logits = model(seq, key_padding=seq == VOCAB.pad)[:, -1, lo:]
             token = apply_guidance(logits[:B], logits[B:], 3.0).argmax(-1) + lo
             seq = torch.cat([seq, token.repeat(2)[:, None]], dim=1)
     assert torch.equal(ours, seq[:B, start:])
+
+
+@pytest.mark.parametrize("positions", ["learned", "rope"])
+def test_left_padding_is_invisible_to_the_prompt_it_pads(positions):
+    """A short prompt gives the same next-token logits alone and left-padded beside a longer one."""
+    model = random_model(VOCAB.size, positions=positions)
+    short, long_ = caption_prompts([3, 9])
+    alone = model(torch.tensor([short]))[:, -1]
+    batch = left_pad([short, long_], VOCAB.pad)
+    padded = model(batch, key_padding=batch == VOCAB.pad)[:1, -1]
+    unmasked = model(batch)[:1, -1]
+    assert torch.allclose(alone, padded, atol=1e-4)
+    assert not torch.allclose(alone, unmasked, atol=1e-2)
 
 
 def test_per_row_method_mix_matches_the_pure_runs_row_by_row(model):
