@@ -8,10 +8,7 @@ import os
 import signal
 import subprocess
 import time
-from pathlib import Path
-
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -20,51 +17,16 @@ from PIL import Image
 from cm3.pipeline import raw_shards
 from cm3.pipeline.tokenize import token_schema
 from cm3.tokenizers.multimodal import MultimodalTokenizer
-from cm3.tokenizers.text import TextTokenizer
-from cm3.tokenizers.vqgan import VQGAN, VQGANConfig
 from cm3.workflows.demo.shapes import encode_jpeg, render, spec_for
 
 from conftest import BIN, RAY_ENV, cm3
-
-TINY_F32 = dict(ch=32, ch_mult=(1, 2, 2, 2, 2, 2), num_res_blocks=1, attn_resolutions=(), z_channels=16,
-                embed_dim=16, n_embed=64)
-TINY_F8 = dict(ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1, attn_resolutions=(), z_channels=16,
-               embed_dim=16, n_embed=8192)
-
-
-def write_raw_shards(folder: Path, shards: int, rows: int, broken: dict[tuple[int, int], bytes] | None = None) -> None:
-    """Raw shards in cm3 ingest's layout; ``broken`` puts other bytes at (shard, row)."""
-    folder.mkdir(parents=True)
-    broken = broken or {}
-    for shard in range(shards):
-        keys, jpgs, captions = [], [], []
-        for row in range(rows):
-            spec = spec_for(shard * rows + row)
-            keys.append(f"{shard:05d}{row:03d}")
-            jpgs.append(broken.get((shard, row), encode_jpeg(render(spec))))
-            captions.append(spec.caption)
-        table = pa.table({"key": keys, "url": [f"http://127.0.0.1:9/{k}.jpg" for k in keys], "caption": captions,
-                          "jpg": pa.array(jpgs, pa.binary()), "status": ["success"] * rows})
-        pq.write_table(table, raw_shards.parquet_path(folder, shard))
-        raw_shards.write_json_atomic(raw_shards.stats_path(folder, shard), {"count": rows, "successes": rows})
-
-
-def make_tokenizer(folder: Path, vq_config: dict, captions: list[str]) -> MultimodalTokenizer:
-    torch.manual_seed(0)
-    tokenizer = MultimodalTokenizer(TextTokenizer.train(captions, vocab_size=300), VQGAN(VQGANConfig(**vq_config)))
-    tokenizer.save(folder)
-    return tokenizer
-
+from factories import TINY_F8, TINY_F32, captions, make_tokenizer, write_raw_shards
 
 def encode_jpeg_codes(tokenizer: MultimodalTokenizer, spec) -> np.ndarray:
     """What the stage computes for one image: decode the JPEG bytes, scale to [-1, 1], VQ-encode."""
     decoded = np.array(Image.open(io.BytesIO(encode_jpeg(render(spec)))).convert("RGB"))
     pixels = torch.from_numpy(decoded).permute(2, 0, 1)[None].float() / 127.5 - 1
     return tokenizer.vq.encode(pixels).flatten().numpy()
-
-
-def captions(n: int = 50) -> list[str]:
-    return [spec_for(i).caption for i in range(n)]
 
 
 def test_token_shards_have_the_documented_schema_at_1024_tokens(ray_cluster, tmp_path):

@@ -317,7 +317,7 @@ def search(
     query: Optional[str] = typer.Argument(None, help="Text to search for."),
     index: Path = typer.Option(..., "--index", help="Folder written by cm3 build-index."),
     image: Optional[Path] = typer.Option(None, help="Search with an image instead of (or with) text."),
-    k: int = typer.Option(5, min=1, help="How many neighbours to show."),
+    k: int = typer.Option(5, "-k", "--k", min=1, help="How many neighbours to show."),
     sheet: Optional[Path] = typer.Option(None, help="Also write a contact sheet PNG of the results."),
 ) -> None:
     """Show a text or image query's nearest documents (key, caption, score).
