@@ -21,6 +21,10 @@ demo_data_app = typer.Typer(help="The embedded demo data set: captioned syntheti
 app.add_typer(demo_data_app, name="demo-data")
 tokenizer_app = typer.Typer(help="Train and assemble the image (VQ-GAN) and text (BPE) tokenizers.", no_args_is_help=True)
 app.add_typer(tokenizer_app, name="tokenizer")
+clip_app = typer.Typer(help="Train a small OpenCLIP model for offline retrieval.", no_args_is_help=True)
+app.add_typer(clip_app, name="clip")
+sft_app = typer.Typer(help="Build instruction-tuning (SFT) task shards.", no_args_is_help=True)
+app.add_typer(sft_app, name="sft")
 model_app = typer.Typer(help="Create and inspect CM3 decoder checkpoints.", no_args_is_help=True)
 app.add_typer(model_app, name="model")
 
@@ -160,6 +164,154 @@ def echo_tokenize_result(result, tokens_dir: Path) -> None:
                f"{result.rows_tokenized} images tokenized in {result.seconds:.1f} s")
     if result.skipped_by_reason:
         typer.echo("skipped: " + ", ".join(f"{reason}: {n}" for reason, n in result.skipped_by_reason.items()))
+
+
+SFT_SOURCES = ("captioning", "vqa", "text_to_image", "image_editing", "grounded_generation")
+
+
+@sft_app.command("convert")
+def sft_convert(
+    task: str = typer.Option(..., help=f"One of {', '.join(SFT_SOURCES)}."),
+    source: Path = typer.Option(..., help="COCO captions JSON, VQA2 questions JSON, InstructPix2Pix JSONL or grounded records."),
+    images: Path = typer.Option(..., help="Folder the records' image names (or ids) are resolved in."),
+    tokenizer: Path = typer.Option(..., help="Tokenizer folder (cm3 tokenizer build)."),
+    out: Path = typer.Option(..., help="Folder for the task shards."),
+    annotations: Optional[Path] = typer.Option(None, help="VQA2 annotations JSON (vqa only)."),
+    image_pattern: str = typer.Option("{}", help="How an image id or name becomes a file name, e.g. COCO_val2014_{:012d}.jpg."),
+    shard_rows: int = typer.Option(10_000, min=1, help="Rows per task shard."),
+    seed: int = typer.Option(0, help="Seed of the instruction-template choice."),
+) -> None:
+    """Convert a public data set's files into SFT task shards (instruction templates, the paper's layouts).
+
+    Examples:
+
+      cm3 sft convert --task captioning --source captions_train2017.json --images coco/train2017 --tokenizer tok/ --out sft/coco
+
+      cm3 sft convert --task vqa --source v2_Questions.json --annotations v2_Annotations.json --images coco/val2014 --image-pattern COCO_val2014_{:012d}.jpg --tokenizer tok/ --out sft/vqa
+    """
+    from PIL import Image
+
+    from cm3.model import sft_tasks
+    from cm3.tokenizers.multimodal import MultimodalTokenizer
+
+    if task not in SFT_SOURCES:
+        fail(f"--task {task!r}: expected one of {', '.join(SFT_SOURCES)}")
+    if task == "vqa" and annotations is None:
+        fail("--task vqa needs --annotations (the VQA2 annotations JSON)")
+
+    def load(ref) -> Image.Image:
+        with Image.open(images / image_pattern.format(ref)) as image:
+            return image.convert("RGB")
+
+    try:
+        multimodal = MultimodalTokenizer.load(tokenizer)
+        converters = {
+            "captioning": lambda: sft_tasks.captioning_rows(source, multimodal, load, seed),
+            "vqa": lambda: sft_tasks.vqa_rows(source, annotations, multimodal, load, seed),
+            "text_to_image": lambda: sft_tasks.text_to_image_rows(source, multimodal, load, seed),
+            "image_editing": lambda: sft_tasks.editing_rows(source, multimodal, load, seed),
+            "grounded_generation": lambda: sft_tasks.grounded_rows(source, multimodal, load, seed),
+        }
+        written = sft_tasks.write_task_shards(converters[task](), out, multimodal.tokens_per_image, shard_rows)
+    except (ValueError, FileNotFoundError) as err:
+        fail(str(err))
+    typer.echo(f"{out}: {len(written)} task shard(s) written")
+
+
+@sft_app.command("demo")
+def sft_demo(
+    tokenizer: Path = typer.Option(..., help="Tokenizer folder (cm3 tokenizer build)."),
+    out: Path = typer.Option(..., help="Folder for the task shards."),
+    n: int = typer.Option(1000, min=1, help="Demo images; each yields 7 rows (captioning, 3 VQA, text-to-image, edit, grounding)."),
+    seed: int = typer.Option(0, help="Generator seed (held-out shape/colour pairs never appear)."),
+    shard_rows: int = typer.Option(1000, min=1, help="Rows per task shard."),
+) -> None:
+    """SFT task shards from the embedded demo data: every task, from the generator's own geometry.
+
+    Example:
+
+      cm3 sft demo --tokenizer runs/demo/tokenizer --out runs/demo/sft --n 500
+    """
+    from cm3.model.sft_tasks import demo_tasks, write_task_shards
+    from cm3.tokenizers.multimodal import MultimodalTokenizer
+
+    try:
+        multimodal = MultimodalTokenizer.load(tokenizer)
+    except (ValueError, FileNotFoundError) as err:
+        fail(str(err))
+    written = write_task_shards(demo_tasks(multimodal, n, seed), out, multimodal.tokens_per_image, shard_rows)
+    typer.echo(f"{out}: {len(written)} task shard(s) written ({7 * n} rows)")
+
+
+@tokenizer_app.command("train-vq")
+def tokenizer_train_vq(
+    data: Path = typer.Option(..., help="Raw shards folder written by cm3 ingest."),
+    out: Path = typer.Option(..., help="Folder for checkpoint/, report.json and reconstructions.png."),
+    preset: str = typer.Option("f8-8192", help="f8-8192 (1024 tokens, the paper's), f16-1024, or demo (64 tokens)."),
+    steps: int = typer.Option(100_000, min=1, help="Optimizer steps (or stop at --seconds)."),
+    seconds: Optional[float] = typer.Option(None, help="Wall-clock training budget in seconds."),
+    batch_size: int = typer.Option(4, min=1, help="Images per step."),
+    lr: float = typer.Option(1e-3, help="Learning rate (Adam, betas 0.5/0.9 as taming)."),
+    lpips_weights: Optional[Path] = typer.Option(None, help="Local LPIPS weights file: adds the perceptual loss."),
+    resume: bool = typer.Option(True, help="Continue from OUT/checkpoint when it exists."),
+    progress: bool = typer.Option(True, help="Show a progress bar."),
+) -> None:
+    """Train the VQ-GAN image tokenizer (reconstruction, codebook and commitment losses, PatchGAN after a delay).
+
+    Examples:
+
+      cm3 tokenizer train-vq --data data/raw --out vq/ --preset f8-8192
+
+      cm3 tokenizer train-vq --data runs/demo/raw --out vq/ --preset demo --seconds 600
+    """
+    from cm3.tokenizers.vq_training import train_vqgan
+    from cm3.tokenizers.vqgan import VQGANConfig
+
+    try:
+        config = VQGANConfig.preset(preset)
+        if lpips_weights is not None and not lpips_weights.is_file():
+            raise ValueError(f"{lpips_weights}: no such LPIPS weights file")
+        report = train_vqgan(data, out, config, steps=steps, batch_size=batch_size, lr=lr, seconds_budget=seconds,
+                             lpips_weights=lpips_weights, resume=resume, progress=progress)
+    except (ValueError, FileNotFoundError) as err:
+        fail(str(err))
+    typer.echo(f"{out}: held-out PSNR {report.get('psnr', float('nan')):.2f} dB, SSIM {report.get('ssim', float('nan')):.3f}, "
+               f"codebook usage {report.get('codebook_usage', float('nan')):.2f}; weights in {out / 'checkpoint'}")
+
+
+@clip_app.command("train")
+def clip_train(
+    data: Path = typer.Option(..., help="Raw shards folder written by cm3 ingest."),
+    out: Path = typer.Option(..., help="Folder for the checkpoint and clip_config.json."),
+    model: str = typer.Option("cm3-clip-tiny", help="OpenCLIP model name (this project's small configs included)."),
+    steps: int = typer.Option(600, min=1, help="Optimizer steps (or stop at --seconds)."),
+    seconds: Optional[float] = typer.Option(None, help="Wall-clock training budget in seconds."),
+    batch_size: int = typer.Option(128, min=2, help="Image-text pairs per step."),
+    lr: float = typer.Option(1e-3, help="Peak learning rate (AdamW, cosine)."),
+    progress: bool = typer.Option(True, help="Show a progress bar."),
+) -> None:
+    """Train a small OpenCLIP model from scratch on ingested pairs (for machines that cannot download CLIP).
+
+    The checkpoint loads with open_clip.create_model_and_transforms(MODEL, pretrained=FILE), and
+    `--clip OUT` passes it to cm3 tokenize / ingest / build-index.
+
+    Example:
+
+      cm3 clip train --data runs/demo/raw --out clip/ --seconds 240
+    """
+    from cm3.index.clip_training import train_clip
+
+    try:
+        report = train_clip(data, out, model_name=model, steps=steps, batch_size=batch_size, lr=lr,
+                            seconds_budget=seconds, progress=progress)
+    except (ValueError, FileNotFoundError) as err:
+        fail(str(err))
+    typer.echo(f"{out}: {json_summary(report)}")
+
+
+def json_summary(report: dict) -> str:
+    return ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in report.items()
+                     if isinstance(v, (int, float)))
 
 
 @tokenizer_app.command("train-text")
