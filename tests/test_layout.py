@@ -34,10 +34,26 @@ def test_rooms_are_subpackages_of_cm3():
         assert module.__file__ == str(REPO / folder / "__init__.py")
 
 
-@pytest.mark.parametrize("command", [[], ["ingest"], ["demo"], ["demo-data"], ["demo-data", "serve"],
-                                     ["demo-data", "write-urls"]])
+GROUPS = ["demo-data", "tokenizer", "clip", "sft", "model"]
+COMMANDS = [["ingest"], ["tokenize"], ["build-index"], ["search"], ["generate"], ["caption"], ["demo"],
+            ["demo-data", "serve"], ["demo-data", "write-urls"], ["tokenizer", "train-vq"],
+            ["tokenizer", "train-text"], ["tokenizer", "build"], ["clip", "train"], ["sft", "convert"],
+            ["sft", "demo"], ["model", "init"]]
+
+
+def test_the_console_script_is_installed():
+    proc = cm3("--help", check=True)
+    assert "Usage: cm3" in proc.stdout and all(group in proc.stdout for group in GROUPS)
+
+
+@pytest.mark.parametrize("command", [*([g] for g in GROUPS), *COMMANDS], ids=" ".join)
 def test_every_command_has_help_with_examples(command):
-    proc = cm3(*command, "--help", check=True)
-    assert "Usage: cm3" in proc.stdout
-    if command and command != ["demo-data"]:
-        assert "Example" in proc.stdout
+    from typer.testing import CliRunner
+
+    from cm3.workflows.cli import app
+
+    result = CliRunner().invoke(app, [*command, "--help"], prog_name="cm3")
+    assert result.exit_code == 0, result.output
+    assert "Usage: cm3" in result.output
+    if command in COMMANDS:
+        assert "Example" in result.output
