@@ -1,0 +1,216 @@
+"""Benchmark: `cm3.index.faiss_index.build_index` against autofaiss, same vectors, same memory budget, one run.
+
+Vectors: a Gaussian mixture (``--centres`` centres, default 4096, each point = centre + isotropic
+noise of ``--spread`` times the centres' scale, default 2.0, then L2-normalised). CLIP document
+vectors are clustered by topic, not uniform on the sphere (uniform noise is a worst case no IVF/HNSW
+user sees); spread 2.0 makes two points of one cluster only ~0.2 cosine apart, because at spread 1.0
+(cosine ~0.5) IVF found 99% of the top-10 with nprobe=1, a test of nothing. Queries are fresh draws from the same
+mixture (not database rows). Both contenders index the same float32 array, written once to a
+temporary folder as ``emb.npy``.
+
+- cm3: ``build_index(vectors, memory_budget_bytes=B, k=K)`` in this process (choice, training,
+  adding, tuning nprobe/efSearch against exact search: all counted as build time).
+- autofaiss: ``autofaiss.build_index(embeddings=FOLDER, max_index_memory_usage=B, metric_type="ip",
+  min_nearest_neighbors_to_retrieve=K, save_on_disk=False, nb_cores=T, ...)`` in a subprocess of the
+  Python that has autofaiss (it pins numpy<2 and cannot share cm3's venv); the wall time of that call
+  is its build time (reading the .npy, choosing, training, adding, its own tuning and metrics).
+
+Both then run under this process's faiss, with the same thread count: recall@K against exact search
+(IndexFlatIP) on ``--queries`` queries, batch queries/s (best of 3 passes over all queries) and
+single-query latency (median over 200 queries). Prints one table with both rows, the ratios and the
+targets (recall >= autofaiss's, build speed >= 1.0x, queries/s >= 1.0x), and writes JSON.
+
+Usage (from the repository root):
+
+    python3 -m venv /tmp/autofaiss-venv && /tmp/autofaiss-venv/bin/pip install autofaiss 'pyarrow<20'
+    .venv/bin/python benchmarks/index.py --n 200000
+    .venv/bin/python benchmarks/index.py --autofaiss-python /tmp/autofaiss-venv/bin/python   # 1M x 512
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+# Python puts this script's folder first on sys.path, and benchmarks/ holds scripts named like stdlib
+# modules (tokenize.py) that numpy's import would pick up instead; drop it before importing numpy.
+if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
+    sys.path.pop(0)
+
+import faiss  # noqa: E402
+import numpy as np  # noqa: E402
+
+from cm3.index.faiss_index import build_index, exact_search, recall_at_k  # noqa: E402
+
+INSTALL_HINT = ("autofaiss is not importable here. It needs numpy<2, so give it its own venv:\n"
+                "    python3 -m venv /tmp/autofaiss-venv\n"
+                "    /tmp/autofaiss-venv/bin/pip install autofaiss 'pyarrow<20'\n"
+                "and pass --autofaiss-python /tmp/autofaiss-venv/bin/python")
+DEFAULT_AUTOFAISS_PYTHON = "/tmp/autofaiss-venv/bin/python"
+LATENCY_QUERIES = 200
+UNITS = {"": 1, "B": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+# Runs inside the autofaiss interpreter: build, time the call, write the index and its search params.
+AUTOFAISS_WORKER = """
+import json, sys, time, faiss
+from autofaiss import build_index
+folder, out, budget, k, threads = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+faiss.omp_set_num_threads(threads)
+start = time.perf_counter()
+index, infos = build_index(embeddings=folder, max_index_memory_usage=f"{budget}B", current_memory_available="16G",
+                           min_nearest_neighbors_to_retrieve=k, metric_type="ip", save_on_disk=False,
+                           nb_cores=threads, verbose=30)
+seconds = time.perf_counter() - start
+faiss.write_index(index, out + "/autofaiss.index")
+json.dump({"build_seconds": seconds, "index_key": infos["index_key"], "index_param": infos["index_param"]},
+          open(out + "/autofaiss.json", "w"))
+"""
+
+
+def parse_bytes(text: str) -> int:
+    """'4GB', '4G', '4GiB', '512MiB', '123' -> bytes (binary units, as autofaiss reads them)."""
+    match = re.fullmatch(r"\s*([0-9.]+)\s*([KMGT]?)(?:I?B)?\s*", text.upper())
+    if not match:
+        raise argparse.ArgumentTypeError(f"not a memory size: {text!r} (e.g. 4GB, 512MiB, 1000000)")
+    return int(float(match.group(1)) * UNITS[match.group(2)])
+
+
+def clustered_vectors(n: int, dim: int, centres: np.ndarray, spread: float, rng: np.random.Generator,
+                      chunk: int = 100_000) -> np.ndarray:
+    """n unit vectors from a Gaussian mixture around ``centres`` (built in chunks to bound memory)."""
+    out = np.empty((n, dim), dtype=np.float32)
+    for lo in range(0, n, chunk):
+        hi = min(lo + chunk, n)
+        x = centres[rng.integers(len(centres), size=hi - lo)]
+        x += rng.standard_normal((hi - lo, dim), dtype=np.float32) * spread
+        out[lo:hi] = x / np.linalg.norm(x, axis=1, keepdims=True)
+    return out
+
+
+def measure(search, queries: np.ndarray, exact_ids: np.ndarray, k: int) -> dict[str, float]:
+    """recall@k, batch queries/s (best of 3) and median single-query latency of one contender."""
+    recall = recall_at_k(search(queries, k), exact_ids)
+    batch = min(_timed(search, queries, k) for _ in range(3))
+    single = [_timed(search, q[None], k) for q in queries[:LATENCY_QUERIES]]
+    return {"recall_at_k": recall, "queries_per_second": len(queries) / batch,
+            "latency_ms_median": 1000 * statistics.median(single)}
+
+
+def _timed(search, queries: np.ndarray, k: int) -> float:
+    start = time.perf_counter()
+    search(queries, k)
+    return time.perf_counter() - start
+
+
+def run_autofaiss(python: str, folder: Path, budget: int, k: int, threads: int) -> tuple[faiss.Index, dict]:
+    proc = subprocess.run([python, "-c", AUTOFAISS_WORKER, str(folder), str(folder), str(budget), str(k),
+                           str(threads)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"autofaiss failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+    info = json.loads((folder / "autofaiss.json").read_text())
+    index = faiss.read_index(str(folder / "autofaiss.index"))
+    if info["index_param"]:
+        faiss.ParameterSpace().set_index_parameters(index, info["index_param"])
+    return index, info
+
+
+def autofaiss_python(requested: str | None) -> str:
+    """The interpreter that can import autofaiss, or exit with install instructions."""
+    candidates = [requested] if requested else [sys.executable, DEFAULT_AUTOFAISS_PYTHON]
+    for python in candidates:
+        if python == sys.executable and importlib.util.find_spec("autofaiss") is not None:
+            return python
+        if python != sys.executable and Path(python).exists():
+            probe = subprocess.run([python, "-c", "import autofaiss"], capture_output=True)
+            if probe.returncode == 0:
+                return python
+    raise SystemExit(INSTALL_HINT)
+
+
+def print_table(ours: dict, theirs: dict, k: int) -> dict:
+    ratios = {
+        "build_speed_x": theirs["build_seconds"] / ours["build_seconds"],
+        "queries_per_second_x": ours["queries_per_second"] / theirs["queries_per_second"],
+        "latency_x": theirs["latency_ms_median"] / ours["latency_ms_median"],
+        "recall_diff": ours["recall_at_k"] - theirs["recall_at_k"],
+    }
+    targets = {"recall >= autofaiss": ratios["recall_diff"] >= 0, "build speed >= 1.0x": ratios["build_speed_x"] >= 1.0,
+               "queries/s >= 1.0x": ratios["queries_per_second_x"] >= 1.0}
+    header = f"{'':10} {'index':34} {'build s':>8} {f'recall@{k}':>9} {'queries/s':>10} {'1-query ms':>10}"
+    print(header + "\n" + "-" * len(header))
+    for name, row in (("cm3", ours), ("autofaiss", theirs)):
+        print(f"{name:10} {row['index'][:34]:34} {row['build_seconds']:8.1f} {row['recall_at_k']:9.4f}"
+              f" {row['queries_per_second']:10.0f} {row['latency_ms_median']:10.2f}")
+    print(f"{'ratio':10} {'cm3 vs autofaiss':34} {ratios['build_speed_x']:7.2f}x {ratios['recall_diff']:+9.4f}"
+          f" {ratios['queries_per_second_x']:9.2f}x {ratios['latency_x']:9.2f}x")
+    for name, met in targets.items():
+        print(f"target {name}: {'MET' if met else 'NOT MET'}")
+    return {"ratios": ratios, "targets": targets}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--n", type=int, default=1_000_000)
+    parser.add_argument("--dim", type=int, default=512)
+    parser.add_argument("--memory-budget", type=parse_bytes, default=parse_bytes("4GB"))
+    parser.add_argument("--queries", type=int, default=1000)
+    parser.add_argument("--k", type=int, default=10)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--centres", type=int, default=4096, help="Gaussian-mixture centres")
+    parser.add_argument("--spread", type=float, default=2.0,
+                        help="per-dimension noise around a centre, in units of the centres' own spread")
+    parser.add_argument("--threads", type=int, default=None, help="faiss threads for both (default: all our CPUs)")
+    parser.add_argument("--autofaiss-python", default=None, help="interpreter with autofaiss installed")
+    parser.add_argument("--out", type=Path, default=Path("runs/bench-index/index_benchmark.json"))
+    args = parser.parse_args()
+    python = autofaiss_python(args.autofaiss_python)
+    threads = args.threads or len(os.sched_getaffinity(0))
+    faiss.omp_set_num_threads(threads)
+
+    rng = np.random.default_rng(args.seed)
+    centres = rng.standard_normal((args.centres, args.dim), dtype=np.float32)
+    vectors = clustered_vectors(args.n, args.dim, centres, args.spread, rng)
+    queries = clustered_vectors(args.queries, args.dim, centres, args.spread, rng)
+    exact_ids = exact_search(vectors, queries, args.k)[1]
+    print(f"{args.n} x {args.dim} float32 ({vectors.nbytes / 2**30:.2f} GiB), {args.centres}-centre mixture,"
+          f" budget {args.memory_budget / 2**30:.2f} GiB, {args.queries} queries, k={args.k}, {threads} threads,"
+          f" faiss {faiss.__version__}", flush=True)
+
+    folder = Path(tempfile.mkdtemp(prefix="cm3-index-bench-"))
+    try:
+        np.save(folder / "emb.npy", vectors)
+        theirs_index, theirs_info = run_autofaiss(python, folder, args.memory_budget, args.k, threads)
+        faiss.omp_set_num_threads(threads)
+        theirs = {"index": f"{theirs_info['index_key']} [{theirs_info['index_param']}]",
+                  "build_seconds": theirs_info["build_seconds"],
+                  **measure(lambda q, k: theirs_index.search(q, k)[1], queries, exact_ids, args.k)}
+        print(f"autofaiss done: {theirs['index']} in {theirs['build_seconds']:.1f} s", flush=True)
+        del theirs_index
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+    ours_index = build_index(vectors, memory_budget_bytes=args.memory_budget, k=args.k, seed=args.seed,
+                             threads=threads, progress=True)
+    ours = {"index": f"{ours_index.info['factory']} {ours_index.info['search_params']}",
+            "build_seconds": ours_index.info["build_seconds"], "tuning_recall": ours_index.info["recall_at_k"],
+            **measure(lambda q, k: ours_index.search(q, k)[1], queries, exact_ids, args.k)}
+    summary = print_table(ours, theirs, args.k)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"args": {**vars(args), "out": str(args.out)}, "threads": threads,
+                                    "faiss": faiss.__version__, "cm3": ours, "autofaiss": theirs, **summary},
+                                   indent=2))
+    print(f"results: {args.out}")
+
+
+if __name__ == "__main__":
+    main()
