@@ -109,7 +109,7 @@ class ClipEmbedder:
 
     def embed_images(self, images: ImageBatch) -> np.ndarray:
         """float32 [B, dim] unit vectors of PIL images or a uint8 [B, H, W, 3] array."""
-        out = [np.zeros((0, self.dim), np.float32)] if not len(images) else []
+        out = [np.zeros((0, self.dim), np.float32)]
         for batch in _batches(images, self.batch_size):
             pixels = torch.stack([self.preprocess(_as_pil(image)) for image in batch])
             out.append(self._encode(self.model.encode_image, pixels))
@@ -117,7 +117,7 @@ class ClipEmbedder:
 
     def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
         """float32 [B, dim] unit vectors of captions."""
-        out = [np.zeros((0, self.dim), np.float32)] if not len(texts) else []
+        out = [np.zeros((0, self.dim), np.float32)]
         for batch in _batches(list(texts), self.batch_size):
             out.append(self._encode(self.model.encode_text, self.tokenizer(list(batch))))
         return np.concatenate(out)

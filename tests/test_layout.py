@@ -35,7 +35,7 @@ def test_rooms_are_subpackages_of_cm3():
 
 
 GROUPS = ["demo-data", "tokenizer", "clip", "sft", "model"]
-COMMANDS = [["ingest"], ["tokenize"], ["build-index"], ["search"], ["generate"], ["caption"], ["demo"],
+COMMANDS = [["ingest"], ["tokenize"], ["train"], ["build-index"], ["search"], ["generate"], ["caption"], ["demo"],
             ["demo-data", "serve"], ["demo-data", "write-urls"], ["tokenizer", "train-vq"],
             ["tokenizer", "train-text"], ["tokenizer", "build"], ["clip", "train"], ["sft", "convert"],
             ["sft", "demo"], ["model", "init"]]

@@ -707,6 +707,11 @@ def demo(
     run_demo(workdir=workdir, n=n, fresh=fresh, ray_address=ray_address)
 
 
+from cm3.workflows.train import train_command  # noqa: E402  (stdlib + typer only at import)
+
+app.command("train")(train_command)
+
+
 def main() -> None:
     """Console-script entry point (`cm3`)."""
     app(prog_name="cm3")

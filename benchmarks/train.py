@@ -1,0 +1,145 @@
+"""Benchmark: training tokens/s of cm3's `train_step` against Hugging Face `OPTForCausalLM`, in one run.
+
+Ours is the step the training loop runs (`cm3.model.training.train_step`: forward, weighted CM3 loss split by
+target kind, backward, gradient clipping, AdamW). The peer is `transformers.OPTForCausalLM` (sdpa attention) of
+the same shape (layers, width, heads, 4x ReLU MLP, pre-LN, no biases, tied embeddings, vocab) trained on the same
+batch with its own `labels` loss, the same clipping and the same AdamW. Both in fp32 on CPU, bf16 autocast on
+CUDA. Weights and ids are random: speed does not depend on them.
+
+Target: on the CPU, tiny preset, at least 1.0x HF. On a GPU it also prints MFU (6 N tokens/s over the peak).
+
+    /tmp/hfvenv/bin/python benchmarks/train.py                         # tiny, CPU, 4 x 256 tokens
+    python benchmarks/train.py --preset 350m --batch 8 --seq-len 2048 --device cuda --compile
+
+transformers must be importable (it is not a cm3 dependency): see `require_transformers`.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+# benchmarks/tokenize.py shadows the standard library's `tokenize` (which torch imports) when this folder is on
+# the import path, as it is for a script run from here: drop it before anything else is imported.
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
+
+import argparse  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+
+import torch  # noqa: E402
+
+from cm3.model.config import CM3Config  # noqa: E402
+from cm3.model.decoder import CM3  # noqa: E402
+from cm3.model.training import Batch, TokenKinds, build_optimizer, flops_per_token, peak_flops, train_step  # noqa: E402
+from cm3.tokenizers.vocabulary import Vocabulary  # noqa: E402
+
+# The demo's joint vocabulary for tiny (8192 BPE, 512 codes); the paper's for the real presets.
+VOCABS = {"tiny": Vocabulary(text_vocab_size=8192, image_vocab_size=512)}
+PAPER_VOCAB = Vocabulary(text_vocab_size=56_320, image_vocab_size=8192)
+CPU_TARGET = 1.0
+
+
+def require_transformers():
+    try:
+        import transformers
+    except ImportError:
+        sys.exit("transformers is not importable. Install it outside the project's venv, e.g.\n"
+                 "  .venv/bin/python -m venv /tmp/hfvenv && /tmp/hfvenv/bin/pip install transformers\n"
+                 "  echo \"import site; site.addsitedir('$PWD/.venv/lib/python3.11/site-packages')\" \\\n"
+                 "    > /tmp/hfvenv/lib/python3.11/site-packages/cm3_venv.pth\n"
+                 "then run this script with /tmp/hfvenv/bin/python.")
+    return transformers
+
+
+def hf_model(transformers, config: CM3Config, vocab: Vocabulary, device: torch.device):
+    opt = transformers.OPTConfig(
+        vocab_size=config.vocab_size, hidden_size=config.d_model, num_hidden_layers=config.n_layers,
+        ffn_dim=config.mlp_hidden, num_attention_heads=config.n_heads, max_position_embeddings=config.max_seq_len,
+        do_layer_norm_before=True, enable_bias=False, layer_norm_elementwise_affine=False,
+        word_embed_proj_dim=config.d_model, dropout=0.0, attention_dropout=0.0, activation_function="relu",
+        pad_token_id=vocab.pad, bos_token_id=vocab.eod, eos_token_id=vocab.eod, tie_word_embeddings=True)
+    return transformers.OPTForCausalLM._from_config(opt, attn_implementation="sdpa").to(device).train()
+
+
+def timed(fn: Callable[[], object], device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", default="tiny")
+    parser.add_argument("--batch", type=int, default=4, help="sequences per step")
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per contender per round")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds, contenders taking turns; best round counts")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--compile", action="store_true", help="torch.compile both models")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    args = parser.parse_args()
+
+    transformers = require_transformers()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    vocab = VOCABS.get(args.preset, PAPER_VOCAB)
+    config = CM3Config.from_preset(args.preset, vocab_size=vocab.size, max_seq_len=max(args.seq_len + 1, 8))
+    autocast = torch.bfloat16 if device.type == "cuda" else None
+    torch.manual_seed(0)
+
+    ours = CM3(config).to(device)
+    peer = hf_model(transformers, config, vocab, device)
+    ours_forward = torch.compile(ours) if args.compile else ours
+    peer_forward = torch.compile(peer) if args.compile else peer
+    ours_optimizer, peer_optimizer = build_optimizer(ours, config), build_optimizer(peer, config)
+    kinds = TokenKinds(vocab)
+    ids = torch.randint(vocab.text_offset, vocab.size, (args.batch, args.seq_len + 1), device=device)
+    batch = Batch(ids[:, :-1], ids[:, 1:], torch.ones(args.batch, args.seq_len, device=device))
+
+    def ours_steps() -> None:
+        for _ in range(args.steps):
+            train_step(ours_forward, ours_optimizer, [batch], config.lr, config.grad_clip, kinds, autocast)
+
+    def peer_steps() -> None:
+        for _ in range(args.steps):
+            with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
+                loss = peer_forward(input_ids=ids[:, :-1], labels=ids[:, :-1]).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(peer.parameters(), config.grad_clip)
+            peer_optimizer.step()
+            peer_optimizer.zero_grad(set_to_none=True)
+
+    contenders = {"cm3 train_step": ours_steps, "HF OPTForCausalLM": peer_steps}
+    for fn in contenders.values():
+        fn()  # warm-up (and compilation)
+    best = {name: float("inf") for name in contenders}
+    for round_ in range(args.rounds):
+        order = list(contenders.items()) if round_ % 2 == 0 else list(contenders.items())[::-1]
+        for name, fn in order:
+            best[name] = min(best[name], timed(fn, device))
+
+    tokens = args.steps * args.batch * args.seq_len
+    rates = {name: tokens / s for name, s in best.items()}
+    peak = peak_flops(device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"\n{args.preset} preset ({config.n_layers} layers, d {config.d_model}, vocab {config.vocab_size}), "
+          f"batch {args.batch} x {args.seq_len}, {device.type} ({name}), "
+          f"{'bf16 autocast' if autocast else 'fp32'}{', compiled' if args.compile else ''}, best of {args.rounds}")
+    print(f"{'contender':<20} {'tokens/s':>12} {'ms/step':>10} {'MFU':>8}")
+    for contender, rate in rates.items():
+        mfu = f"{flops_per_token(config, args.seq_len) * rate / peak:.1%}" if peak else "-"
+        print(f"{contender:<20} {rate:>12,.0f} {1000 * best[contender] / args.steps:>10.1f} {mfu:>8}")
+    ratio = rates["cm3 train_step"] / rates["HF OPTForCausalLM"]
+    target = f"target >= {CPU_TARGET:.1f}x: {'met' if ratio >= CPU_TARGET else 'NOT met'}" \
+        if device.type == "cpu" else "no GPU ratio target"
+    print(f"ratio cm3 / HF: {ratio:.2f}x ({target})")
+
+
+if __name__ == "__main__":
+    main()

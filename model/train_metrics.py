@@ -1,0 +1,105 @@
+"""Where training metrics go: a JSONL file in the run folder, the Ray dashboard, and a loss-curve PNG.
+
+The JSONL file is the record a resumed run continues: on resume, lines past the checkpoint step (steps that
+were trained but lost with the killed process) are dropped, so each step appears once and the curve is whole.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+METRICS_FILE = "metrics.jsonl"
+DASHBOARD_METRICS = ("loss", "text_loss", "image_loss", "tokens_per_s", "lr", "grad_norm", "mfu")
+
+
+class MetricsLog:
+    """Append-only JSONL, one object per step, flushed every line (a SIGKILL loses at most the last one)."""
+
+    def __init__(self, path: Path, resume_after_step: int | None = None):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if resume_after_step is not None:
+            self._truncate(resume_after_step)
+        elif self.path.exists():
+            self.path.unlink()  # a fresh run (no checkpoint) starts a fresh record
+        self._file = self.path.open("a")
+
+    def _truncate(self, step: int) -> None:
+        kept = [line for line in read_metrics(self.path) if line["step"] <= step]
+        tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+        tmp.write_text("".join(json.dumps(line) + "\n" for line in kept))
+        os.replace(tmp, self.path)
+
+    def write(self, record: dict) -> None:
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """The records of a metrics file (a torn last line from a killed writer is skipped)."""
+    if not Path(path).exists():
+        return []
+    records = []
+    for line in Path(path).read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+class DashboardGauges:
+    """`ray.util.metrics` gauges (cm3_train_loss, cm3_train_tokens_per_s, ...) tagged with the run name."""
+
+    def __init__(self, run: str):
+        from ray.util.metrics import Gauge
+
+        self.tags = {"run": run}
+        self.gauges = {name: Gauge(f"cm3_train_{name}", description=f"cm3 training {name}", tag_keys=("run",))
+                       for name in DASHBOARD_METRICS}
+
+    def set(self, record: dict) -> None:
+        for name, gauge in self.gauges.items():
+            if record.get(name) is not None:
+                gauge.set(float(record[name]), tags=self.tags)
+
+
+def plot_loss_curve(records: list[dict], path: Path, size: tuple[int, int] = (800, 480)) -> Path:
+    """Loss (and text/image loss) against step as a PNG, drawn with PIL so no plotting library is needed."""
+    series = {"loss": (20, 20, 20), "text_loss": (30, 110, 220), "image_loss": (220, 90, 30)}
+    width, height = size
+    left, right, top, bottom = 60, 20, 30, 40
+    image = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(image)
+    points = {name: [(r["step"], r[name]) for r in records if r.get(name) is not None] for name in series}
+    values = [v for pts in points.values() for _, v in pts]
+    steps = [s for pts in points.values() for s, _ in pts]
+    draw.rectangle([left, top, width - right, height - bottom], outline=(160, 160, 160))
+    if values:
+        s0, s1 = min(steps), max(max(steps), min(steps) + 1)
+        v0, v1 = min(values), max(max(values), min(values) + 1e-6)
+
+        def xy(step: float, value: float) -> tuple[float, float]:
+            return (left + (step - s0) / (s1 - s0) * (width - left - right),
+                    height - bottom - (value - v0) / (v1 - v0) * (height - top - bottom))
+
+        for name, colour in series.items():
+            if len(points[name]) > 1:
+                draw.line([xy(s, v) for s, v in points[name]], fill=colour, width=2)
+        draw.text((4, top), f"{v1:.3f}", fill="black")
+        draw.text((4, height - bottom - 10), f"{v0:.3f}", fill="black")
+        draw.text((left, height - bottom + 6), f"step {s0}", fill="black")
+        draw.text((width - right - 70, height - bottom + 6), f"step {s1}", fill="black")
+    for i, (name, colour) in enumerate(series.items()):
+        draw.text((left + 10 + 110 * i, 8), name, fill=colour)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path)
+    return path

@@ -1,0 +1,224 @@
+"""`cm3 train` end to end on a 2-layer, d=64 decoder: both stages learn, a killed driver and a killed worker
+resume from their checkpoints, bad inputs fail early with the path named. One local Ray cluster serves the
+in-process runs; the resume test runs the CLI entry point in subprocesses that start their own."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from cm3.model.train_metrics import read_metrics
+
+pytestmark = pytest.mark.slow
+TINY = {"n_layers": 2, "d_model": 64, "n_heads": 2}
+SEQ = 128
+RAY_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory) -> Path:
+    from cm3.tokenizers.multimodal import MultimodalTokenizer
+    from cm3.tokenizers.text import TextTokenizer
+    from cm3.tokenizers.vqgan import VQGAN, VQGANConfig
+
+    captions = [f"a {c} {s} at the {p}" for c in ("red", "blue", "green") for s in ("circle", "square")
+                for p in ("top", "bottom", "left")] * 20
+    vq = VQGAN(VQGANConfig(ch=8, ch_mult=(1, 2, 2), z_channels=16, embed_dim=16, n_embed=16, resolution=32,
+                           norm_groups=8, num_res_blocks=1, attn_resolutions=()))
+    path = tmp_path_factory.mktemp("tok") / "tokenizer"
+    MultimodalTokenizer(TextTokenizer.train(captions, vocab_size=300), vq).save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def vocab(tokenizer_dir):
+    from cm3.tokenizers.multimodal import MultimodalTokenizer
+
+    return MultimodalTokenizer.load(tokenizer_dir).vocab
+
+
+def write_augmented_shards(folder: Path, vocab, shards: int = 2, rows: int = 48, seed: int = 0) -> Path:
+    """Retrieval-augmented shards with learnable structure: each caption is a repeated BPE pattern whose image
+    codes follow from it, and each row's neighbours are rows like it."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for shard in range(shards):
+        records = []
+        for i in range(rows):
+            topic = int(rng.integers(4))
+            text = [(topic * 7 + k) % 40 for k in range(int(rng.integers(6, 12)))]
+            image = [(topic * 3 + k) % vocab.image_vocab_size for k in range(64)]
+            records.append({"key": f"{shard}-{i}", "caption": "", "text_ids": text, "image_ids": image,
+                            "neighbour_text_ids": [text[:6], text[1:7]], "neighbour_image_ids": [image, image]})
+        pq.write_table(pa.Table.from_pylist(records), folder / f"{shard:05d}.parquet")
+        (folder / f"{shard:05d}_stats.json").write_text("{}")
+    return folder
+
+
+def write_sft_shards(folder: Path, vocab, rows: int = 64) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    records = []
+    for i in range(rows):
+        topic = i % 4
+        instruction = vocab.text_ids([(topic * 5 + k) % 40 for k in range(8)])
+        answer = vocab.text_ids([(topic * 11 + k) % 40 for k in range(10)])
+        records.append({"ids": [vocab.eod, *instruction, vocab.break_, *answer, vocab.eod]})
+    pq.write_table(pa.Table.from_pylist(records), folder / "00000.parquet")
+    return folder
+
+
+def options(stage: str, shards: Path, storage: Path, **overrides):
+    from cm3.workflows.train import TrainOptions
+
+    defaults = dict(stage=stage, shards=shards, storage=storage, name="run", seq_len=SEQ, batch_size=4,
+                    batch_tokens=4 * SEQ, steps=24, lr=3e-3, warmup_steps=2, checkpoint_every=8,
+                    cpus_per_worker=0.5, retrieved_min=1, retrieved_max=2, log_every=8, max_failures=1)
+    if stage == "pretrain":
+        defaults["model_overrides"] = TINY
+    return TrainOptions(**{**defaults, **overrides})
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    from cm3.workflows.ray_session import connect
+
+    os.environ.update(RAY_ENV)
+    connect(None, num_cpus=2, quiet=True)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory, tokenizer_dir, vocab, ray_local):
+    from cm3.workflows.train import run_training
+
+    root = tmp_path_factory.mktemp("pretrain")
+    shards = write_augmented_shards(root / "shards", vocab)
+    return run_training(options("pretrain", shards, root / "runs", tokenizer=tokenizer_dir))
+
+
+def first_last(records: list[dict], n: int = 4) -> tuple[float, float]:
+    losses = [r["loss"] for r in records]
+    return float(np.mean(losses[:n])), float(np.mean(losses[-n:]))
+
+
+def test_pretrain_lowers_loss_and_exports_a_checkpoint(pretrained, vocab):
+    from cm3.model.checkpoint import load_checkpoint
+
+    records = read_metrics(pretrained.metrics)
+    assert [r["step"] for r in records] == list(range(1, 25))
+    first, last = first_last(records)
+    assert last < 0.8 * first, (first, last)
+    assert all(r["text_loss"] > 0 and r["image_loss"] > 0 and r["tokens_per_s"] > 0 for r in records)
+    model, tokenizer = load_checkpoint(pretrained.checkpoint)
+    assert model.config.vocab_size == vocab.size and model.config.n_layers == 2
+    assert pretrained.loss_curve.stat().st_size > 0
+    kept = sorted(p.name for p in pretrained.run_dir.glob("checkpoint_0*"))
+    assert kept == ["checkpoint_0000008", "checkpoint_0000016", "checkpoint_0000024"]
+
+
+def test_sft_from_the_pretrain_run_lowers_loss(pretrained, vocab, tmp_path):
+    from cm3.workflows.train import run_training
+
+    shards = write_sft_shards(tmp_path / "sft", vocab)
+    result = run_training(options("sft", shards, tmp_path / "runs", init=pretrained.run_dir, steps=16))
+    first, last = first_last(read_metrics(result.metrics))
+    assert last < 0.8 * first, (first, last)
+    assert (result.checkpoint / "checkpoint.json").is_file()
+
+
+def test_killed_worker_resumes_from_its_checkpoint(tmp_path, tokenizer_dir, vocab, ray_local, monkeypatch):
+    from cm3.workflows.train import FAIL_AT_STEP_ENV, run_training
+
+    monkeypatch.setenv(FAIL_AT_STEP_ENV, "10")
+    shards = write_augmented_shards(tmp_path / "shards", vocab, shards=1)
+    result = run_training(options("pretrain", shards, tmp_path / "runs", tokenizer=tokenizer_dir, steps=12,
+                                  checkpoint_every=4))
+    records = read_metrics(result.metrics)
+    assert (result.run_dir / ".failed_once").exists()
+    assert [r["step"] for r in records] == list(range(1, 13))
+    # the restarted worker began at a checkpoint (step 4, or 8 if Ray had registered it before the crash)
+    assert {r["start_step"] for r in records if r["step"] > 8} <= {4, 8}
+
+
+def test_killed_driver_resumes_with_the_same_data_order(tmp_path, tokenizer_dir, vocab):
+    shards = write_augmented_shards(tmp_path / "shards", vocab, shards=1)
+    storage = tmp_path / "runs"
+    command = [sys.executable, "-m", "cm3.workflows.train", "--stage", "pretrain", "--shards", str(shards), "--tokenizer",
+               str(tokenizer_dir), "--storage", str(storage), "--name", "run", "--steps", "18", "--seq-len",
+               str(SEQ), "--batch-size", "4", "--batch-tokens", str(4 * SEQ), "--lr", "3e-3", "--warmup-steps", "2",
+               "--checkpoint-every", "6", "--cpus-per-worker", "0.5", "--retrieved-min", "1", "--log-every", "6",
+               *[arg for key, value in TINY.items() for arg in ("--set", f"{key}={value}")]]
+    env = {**os.environ, **RAY_ENV}
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    run_dir = storage / "run"
+    deadline = time.time() + 180
+    while not (run_dir / "checkpoint_manager_snapshot.json").exists() and time.time() < deadline:
+        assert proc.poll() is None, "the run ended before its first checkpoint"
+        time.sleep(0.5)  # the snapshot is written once Ray has committed a checkpoint
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    _stop_orphans(proc.pid)
+    killed = read_metrics(run_dir / "metrics.jsonl")
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    records = read_metrics(run_dir / "metrics.jsonl")
+    steps = [r["step"] for r in records]
+    resumed_at = records[-1]["start_step"]
+    assert resumed_at >= 6 and resumed_at % 6 == 0, resumed_at
+    assert steps == list(range(1, 19))
+    # the curve continues: steps before the checkpoint are the killed run's own records, unchanged
+    assert [r["loss"] for r in records[:resumed_at]] == [r["loss"] for r in killed[:resumed_at]]
+    assert "resumed from step" in done.stdout + done.stderr
+
+
+def _stop_orphans(session: int) -> None:
+    """SIGKILL leaves the killed driver's local Ray cluster (same session id) running: end it."""
+    try:
+        os.killpg(session, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    time.sleep(2)
+
+
+def test_bad_inputs_fail_before_training_with_the_path_named(tmp_path, tokenizer_dir, vocab, pretrained):
+    from cm3.tokenizers.multimodal import MultimodalTokenizer
+    from cm3.tokenizers.text import TextTokenizer
+    from cm3.workflows.train import run_training
+
+    storage = pretrained.run_dir.parent
+    before = {p: p.stat().st_mtime_ns for p in pretrained.run_dir.rglob("*")}
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ValueError, match=str(empty)):
+        run_training(options("pretrain", empty, storage, tokenizer=tokenizer_dir))
+
+    broken = write_augmented_shards(tmp_path / "broken", vocab, shards=2)
+    (broken / "00001.parquet").write_bytes(b"not parquet at all")
+    with pytest.raises(ValueError, match=r"00001\.parquet: unreadable shard"):
+        run_training(options("pretrain", broken, storage, tokenizer=tokenizer_dir))
+
+    with pytest.raises(FileNotFoundError, match="missing-init"):
+        run_training(options("sft", broken, storage, init=tmp_path / "missing-init"))
+
+    other = tmp_path / "other-tokenizer"
+    loaded = MultimodalTokenizer.load(tokenizer_dir)
+    MultimodalTokenizer(TextTokenizer.train(["some other words entirely"] * 50, vocab_size=280), loaded.vq).save(other)
+    good = write_augmented_shards(tmp_path / "good", vocab, shards=1)
+    with pytest.raises(ValueError, match="vocab_size"):
+        run_training(options("sft", good, storage, init=pretrained.checkpoint, tokenizer=other))
+    with pytest.raises(ValueError, match="vocab_size"):  # resuming the pretrain run with another vocabulary
+        run_training(options("pretrain", good, storage, tokenizer=other))
+    assert {p: p.stat().st_mtime_ns for p in pretrained.run_dir.rglob("*")} == before

@@ -1,0 +1,164 @@
+"""VQ-GAN training on raw shards: a tiny run learns and reports, resumes, revives dead codes; metrics; LPIPS."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from cm3.tokenizers.vq_training import (
+    LPIPS,
+    CodebookTracker,
+    TrainOptions,
+    evaluate,
+    is_heldout,
+    load_images,
+    psnr,
+    ssim,
+    train_vqgan,
+)
+from cm3.tokenizers.vqgan import VQGAN, VQGANConfig
+from cm3.workflows.demo import shapes
+
+SIZE = 32
+TINY = VQGANConfig(ch=16, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(), z_channels=8, embed_dim=8,
+                   n_embed=32, resolution=SIZE, norm_groups=8)
+FAST = TrainOptions(crop_size=None, log_every=5, checkpoint_every=30, restart_every=5, dead_code_steps=5,
+                    usage_window=10)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Single-threaded torch is several times faster for these tiny models on a shared 2-core machine."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def raw(tmp_path_factory):
+    """Two raw shards as `cm3 ingest` writes them: 32 demo images plus one failed row without bytes."""
+    folder = tmp_path_factory.mktemp("raw")
+    for shard in range(2):
+        rows = []
+        for index in range(shard * 16, shard * 16 + 16):
+            spec = shapes.spec_for(index)
+            jpg = shapes.encode_jpeg(shapes.render(spec, size=SIZE))
+            rows.append({"key": f"{index:08d}", "jpg": jpg, "status": "success", "caption": spec.caption})
+        rows.append({"key": "broken", "jpg": None, "status": "failed_to_download", "caption": "x"})
+        pq.write_table(pa.Table.from_pylist(rows), folder / f"{shard:05d}.parquet")
+    return folder
+
+
+def test_load_images_skips_failed_rows(raw) -> None:
+    keys, images = load_images(raw, SIZE)
+    assert len(keys) == 32 and "broken" not in keys
+    assert images.shape == (32, 3, SIZE, SIZE) and images.dtype == torch.uint8
+
+
+def test_heldout_split_is_deterministic_by_key() -> None:
+    keys = [f"{i:08d}" for i in range(2000)]
+    held = [k for k in keys if is_heldout(k, 0.05)]
+    assert held == [k for k in keys if is_heldout(k, 0.05)]
+    assert 60 < len(held) < 140
+
+
+def test_tiny_run_learns_checkpoints_and_reports(raw, tmp_path) -> None:
+    report = train_vqgan(raw, tmp_path, TINY, steps=60, batch_size=4, lr=3e-3, heldout_fraction=0.25,
+                         progress=False, options=FAST)
+    losses = [h["rec_loss"] for h in report["history"]]
+    assert losses[-1] < 0.7 * losses[0], losses
+    assert report["steps"] == 60 and report["heldout_images"] > 0
+    assert 10 < report["heldout_psnr_db"] < 60
+    assert 0 < report["heldout_ssim"] <= 1
+    assert 0 < report["heldout_codebook_usage"] <= 1 and 0 < report["train_codebook_usage"] <= 1
+    assert report["images_per_second"] > 0 and report["seconds"] > 0
+    assert report["dead_code_restarts"] > 0  # the first batch seeds the codebook
+    assert json.loads((tmp_path / "report.json").read_text())["steps"] == 60
+    checkpoint = tmp_path / "checkpoint"
+    assert {"model.safetensors", "config.json", "training_state.pt", "training_state.json"} <= {
+        p.name for p in checkpoint.iterdir()}
+    model = VQGAN.from_pretrained(checkpoint)
+    assert model.config == TINY
+    _, images = load_images(raw, SIZE)
+    assert evaluate(model, images[:4])["psnr"] > 10
+    grid = Image.open(tmp_path / "reconstructions.png")
+    rows = min(8, report["heldout_images"])
+    assert grid.size == (rows * SIZE, 2 * SIZE)
+
+
+def test_resume_continues_from_the_saved_step_with_the_gan_on(raw, tmp_path) -> None:
+    options = TrainOptions(**{**FAST.__dict__, "disc_start": 4, "disc_channels": 8, "disc_layers": 2})
+    first = train_vqgan(raw, tmp_path, TINY, steps=6, batch_size=2, progress=False, options=options)
+    assert first["steps"] == 6 and first["resumed_from_step"] is None
+    weights = VQGAN.from_pretrained(tmp_path / "checkpoint").state_dict()
+    second = train_vqgan(raw, tmp_path, TINY, steps=9, batch_size=2, progress=False, options=options)
+    assert second["resumed_from_step"] == 6 and second["steps"] == 9 and second["steps_this_run"] == 3
+    assert json.loads((tmp_path / "checkpoint" / "training_state.json").read_text())["step"] == 9
+    after = VQGAN.from_pretrained(tmp_path / "checkpoint").state_dict()
+    assert any(not torch.equal(weights[k], after[k]) for k in weights)
+    with pytest.raises(ValueError, match="different config"):
+        train_vqgan(raw, tmp_path, VQGANConfig(**{**TINY.to_dict(), "n_embed": 64}), steps=10, progress=False)
+
+
+def test_dead_codes_are_restarted_from_recent_latents() -> None:
+    model = VQGAN(TINY)
+    optimizer = torch.optim.Adam(model.parameters())
+    model.quantize.embedding.weight.sum().backward()  # gives every code Adam state
+    optimizer.step()
+    tracker = CodebookTracker(TINY.n_embed, step=0)
+    tracker.update(torch.tensor([0, 1, 2]), step=20)
+    before = model.quantize.embedding.weight.detach().clone()
+    latents = torch.randn(50, TINY.embed_dim) * 3
+    restarted = tracker.restart_dead(model, optimizer, latents, step=20, dead_after=10,
+                                     generator=torch.Generator().manual_seed(0))
+    after = model.quantize.embedding.weight.detach()
+    assert restarted == TINY.n_embed - 3
+    assert torch.equal(after[:3], before[:3])  # live codes untouched
+    nearest = torch.cdist(after[3:], latents).min(1).values
+    assert nearest.max() < 0.2  # each revived code sits on a recent encoder output
+    state = optimizer.state[model.quantize.embedding.weight]
+    assert state["exp_avg"][3:].abs().sum() == 0 and state["exp_avg"][:3].abs().sum() > 0
+    assert tracker.usage(step=20, window=5) == pytest.approx(1.0)  # revived codes count as fresh
+    assert tracker.restart_dead(model, optimizer, latents, 21, 10, torch.Generator()) == 0
+
+
+def test_psnr_and_ssim_known_values() -> None:
+    images = torch.rand(2, 3, 32, 32) * 2 - 1
+    assert torch.isinf(psnr(images, images)).all()
+    assert torch.allclose(ssim(images, images), torch.ones(2))
+    shifted = images.clone()
+    shifted[:, :, :, :] = 0.0
+    offset = shifted + 10 / 127.5  # a uniform error of 10 grey levels
+    assert torch.allclose(psnr(shifted, offset), torch.full((2,), 20 * torch.log10(torch.tensor(25.5))), atol=1e-3)
+    noisy = (images + 0.3 * torch.randn_like(images)).clamp(-1, 1)
+    assert (ssim(images, noisy) < 0.9).all() and (psnr(images, noisy) < 25).all()
+
+
+def test_missing_lpips_weights_is_a_clear_error(raw, tmp_path) -> None:
+    with pytest.raises(FileNotFoundError, match="LPIPS weights file not found.*nothing is downloaded"):
+        train_vqgan(raw, tmp_path / "out", TINY, steps=1, lpips_weights=tmp_path / "vgg.pth", progress=False)
+
+
+def test_lpips_reads_local_weights_and_measures_distance(tmp_path) -> None:
+    from torchvision.models.vgg import cfgs, make_layers
+
+    torch.manual_seed(0)
+    state = {f"features.{k}": v for k, v in make_layers(cfgs["D"])[:30].state_dict().items()}
+    state |= {f"lin{i}.model.1.weight": torch.rand(1, c, 1, 1) for i, c in enumerate(LPIPS.WIDTHS)}
+    path = tmp_path / "lpips.safetensors"
+    save_file(state, str(path))
+    lpips = LPIPS(path)
+    a, b = torch.rand(2, 3, 32, 32) * 2 - 1, torch.rand(2, 3, 32, 32) * 2 - 1
+    assert torch.allclose(lpips(a, a), torch.zeros(2))
+    assert (lpips(a, b) > 0).all()
+    del state["lin4.model.1.weight"]
+    save_file(state, str(path))
+    with pytest.raises(ValueError, match="lin4.model.1.weight"):
+        LPIPS(path)
