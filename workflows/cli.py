@@ -275,8 +275,9 @@ def tokenizer_train_vq(
                              lpips_weights=lpips_weights, resume=resume, progress=progress)
     except (ValueError, FileNotFoundError) as err:
         fail(str(err))
-    typer.echo(f"{out}: held-out PSNR {report.get('psnr', float('nan')):.2f} dB, SSIM {report.get('ssim', float('nan')):.3f}, "
-               f"codebook usage {report.get('codebook_usage', float('nan')):.2f}; weights in {out / 'checkpoint'}")
+    typer.echo(f"{out}: held-out PSNR {report['heldout_psnr_db']:.2f} dB, SSIM {report['heldout_ssim']:.3f}, "
+               f"codebook usage {report['heldout_codebook_usage']:.2f} after {report['steps']} steps; "
+               f"weights in {out / 'checkpoint'}")
 
 
 @clip_app.command("train")
@@ -689,22 +690,30 @@ def demo_data_write_urls(
 
 @app.command()
 def demo(
-    workdir: Path = typer.Option(Path("cm3-demo"), help="Where every stage writes; a stage whose output exists is skipped."),
-    n: int = typer.Option(2000, min=10, help="Training images to generate and ingest."),
+    workdir: Path = typer.Option(Path("runs/demo"), help="Where every stage writes; a stage whose output exists is skipped."),
+    small: bool = typer.Option(False, "--small", help="Reduced size (60 images, seconds-long budgets): a smoke test."),
     fresh: bool = typer.Option(False, "--fresh", help="Delete the workdir first and start over."),
+    stages: str = typer.Option("all", help="all, or ingest (download only)."),
     ray_address: Optional[str] = typer.Option(None, help="Ray cluster to join; default: start a local one."),
 ) -> None:
-    """Run the pipeline end to end on the embedded demo data.
+    """Run the whole pipeline on the embedded demo data and write a report with measured quality.
 
-    Today: generate and serve the demo data set over loopback, then `cm3 ingest` it on Ray.
+    Serve the demo data over loopback -> ingest on Ray -> train the VQ-GAN (demo preset: 64 tokens
+    per image), the BPE and a small CLIP -> tokenize -> build-index -> pretrain -> SFT -> generate
+    for held-out prompts and caption held-out images -> WORKDIR/report (report.md, metrics.json, grids).
 
-    Example:
+    Examples:
 
       cm3 demo --workdir runs/demo
-    """
-    from cm3.workflows.demo.run import run_demo
 
-    run_demo(workdir=workdir, n=n, fresh=fresh, ray_address=ray_address)
+      cm3 demo --workdir /tmp/demo --small --fresh
+    """
+    from cm3.workflows.demo.run import SMALL, DemoSize, run_demo
+
+    if stages not in ("all", "ingest"):
+        fail(f"--stages {stages!r}: expected all or ingest")
+    run_demo(workdir=workdir, size=SMALL if small else DemoSize(), fresh=fresh, ray_address=ray_address,
+             stages=stages)
 
 
 from cm3.workflows.train import train_command  # noqa: E402  (stdlib + typer only at import)

@@ -32,6 +32,11 @@ SFT_COLUMN = "ids"
 FINAL_DIR = "final"
 LOSS_CURVE = "loss_curve.png"
 FAIL_AT_STEP_ENV = "CM3_TRAIN_FAIL_AT_STEP"  # test hook: rank 0 exits at this step, once per run folder
+# Every worker runs its own Ray Data read of the shards (see DataConfig below). Each read runs one task at a
+# time on this many CPUs, and the CPUs the train workers leave free must fit all of them at once: a worker
+# that has its windows waits in the step's all-reduce while its read task, paused by backpressure, still
+# holds a CPU; if that was the last free CPU, the other worker's read never starts and neither reaches step 1.
+READ_CPUS_PER_WORKER = 0.25
 
 
 @dataclass
@@ -258,7 +263,9 @@ def run_training(options: TrainOptions) -> TrainResult:
     connect(options.ray_address)
     use_gpu = options.use_gpu if options.use_gpu is not None else ray.cluster_resources().get("GPU", 0) >= 1
     resources = {"CPU": options.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
-    dataset = ray.data.read_parquet([str(p) for p in paths]).select_columns(columns)
+    check_data_cpus(ray.cluster_resources().get("CPU", 0.0), options.num_workers, options.cpus_per_worker)
+    dataset = ray.data.read_parquet([str(p) for p in paths], num_cpus=READ_CPUS_PER_WORKER,
+                                    concurrency=1).select_columns(columns)
     run_dir = options.run_dir
     trainer = TorchTrainer(
         train_loop,
@@ -291,6 +298,17 @@ def run_training(options: TrainOptions) -> TrainResult:
     print(f"done: {out} (cm3 inference checkpoint), metrics {run_dir / METRICS_FILE}, loss curve {curve}",
           flush=True)
     return TrainResult(run_dir, out, plan.total_steps, final_loss, run_dir / METRICS_FILE, curve)
+
+
+def check_data_cpus(cluster_cpus: float, num_workers: int, cpus_per_worker: float) -> None:
+    """Fail before starting when the train workers would leave too few CPUs for every worker's data read
+    (`READ_CPUS_PER_WORKER` each, all at once): that run would hang before step 1, not fail."""
+    needed = num_workers * (cpus_per_worker + READ_CPUS_PER_WORKER)
+    if needed > cluster_cpus + 1e-9:
+        fit = (cluster_cpus / num_workers) - READ_CPUS_PER_WORKER
+        hint = f"use --cpus-per-worker {fit:g} or less" if fit > 0 else "use fewer --num-workers"
+        raise ValueError(f"{num_workers} worker(s) x {cpus_per_worker:g} CPU plus {READ_CPUS_PER_WORKER:g} CPU each "
+                         f"for reading data need {needed:g} CPUs; the Ray cluster has {cluster_cpus:g}: {hint}")
 
 
 # Workers
@@ -383,6 +401,7 @@ def train_loop(loop_config: dict) -> None:
                   "image_loss": stats.image_loss, "lr": lr, "grad_norm": stats.grad_norm,
                   "tokens_per_s": tokens_per_s, "mfu": flops * tokens_per_s / (peak * world) if peak else None,
                   "tokens_seen": state.tokens_seen, "epoch": position.epoch, "start_step": start_step,
+                  "world_size": stats.workers,
                   "time": time.time()}
         if rank == 0:
             log.write(record)

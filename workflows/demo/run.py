@@ -1,8 +1,12 @@
-"""`cm3 demo`: the pipeline end to end on the embedded data, stage by stage, into one work folder.
+"""`cm3 demo`: the whole CM3Leon pipeline on the embedded data, stage by stage, in one work folder.
 
-Stages write into ``WORKDIR/<stage>`` and mark success with a ``.done`` file, so a re-run skips
-finished stages and resumes the rest; ``--fresh`` starts over. Today's stages: serve the demo
-data over loopback, ``cm3 ingest`` on Ray, then a report (sample grid + metrics.json).
+    serve demo data -> ingest (Ray) -> VQ-GAN, BPE, small CLIP -> tokenize -> build-index
+    -> pretrain (retrieval-augmented, CM3 objective) -> SFT -> generate + caption -> report
+
+Each stage writes ``WORKDIR/<stage>`` and marks success with a ``.done`` file, so a re-run skips
+finished stages and resumes the rest (every stage is itself resumable); ``--fresh`` starts over.
+The demo's image tokenizer is the ``demo`` preset of the VQ-GAN (8x8 = 64 tokens per 256x256
+image, not the paper's 1024) so that every stage fits on 2 CPU cores.
 """
 
 from __future__ import annotations
@@ -11,10 +15,12 @@ import io
 import json
 import shutil
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
 import pyarrow.parquet as pq
+import torch
 from PIL import Image
 
 from cm3.pipeline import raw_shards
@@ -24,18 +30,43 @@ from cm3.pipeline.url_list import open_url_list
 from cm3.workflows.demo.checker import read_attributes
 from cm3.workflows.demo.server import DemoDataServer, write_url_list
 from cm3.workflows.ray_session import connect
-from cm3.workflows.report import image_grid
+from cm3.workflows.report import image_grid, to_pil
 
 DONE = ".done"
 DEMO_SHARD_ROWS = 250
 
 
-def _stage_done(folder: Path) -> bool:
+@dataclass(frozen=True)
+class DemoSize:
+    """Budgets of one demo run; ``SMALL`` is the reduced size the tests run end to end."""
+
+    images: int = 2000
+    vq_seconds: float = 240.0
+    clip_seconds: float = 150.0
+    vocab_size: int = 512
+    seq_len: int = 320
+    pretrain_steps: int = 300
+    sft_images: int = 300
+    sft_steps: int = 150
+    prompts: int = 12  # held-out prompts (attribute pairs never seen together in training)
+    samples: int = 2  # images per prompt
+
+
+SMALL = DemoSize(images=60, vq_seconds=8, clip_seconds=8, vocab_size=300, pretrain_steps=4, sft_images=8,
+                 sft_steps=3, prompts=3, samples=1)
+
+
+def _done(folder: Path) -> bool:
     return (folder / DONE).exists()
 
 
 def _mark_done(folder: Path, info: dict) -> None:
-    raw_shards.write_json_atomic(folder / DONE, info)
+    folder.mkdir(parents=True, exist_ok=True)
+    raw_shards.write_json_atomic(folder / DONE, {"finished": time.time(), **info})
+
+
+def _info(folder: Path) -> dict:
+    return raw_shards.read_json(folder / DONE)
 
 
 def _port_of(url_list: Path) -> int:
@@ -43,32 +74,24 @@ def _port_of(url_list: Path) -> int:
     return urlparse(first_url).port or 0
 
 
-def _start_server(n: int, url_list: Path) -> DemoDataServer:
-    """Serve on the port the existing URL list names (so a resumed ingest sees the same list), else any."""
-    port = _port_of(url_list) if url_list.exists() else 0
-    server = DemoDataServer(n=n, seed=0, split="train", port=port)
-    try:
-        server.start()
-    except OSError:  # that port is taken now: start the stage over on a free one
-        url_list.unlink(missing_ok=True)
-        server = DemoDataServer(n=n, seed=0, split="train", port=0)
-        server.start()
-    return server
-
-
-def ingest_stage(workdir: Path, n: int, ray_address: str | None) -> Path:
+def ingest_stage(workdir: Path, size: DemoSize) -> Path:
     raw = workdir / "raw"
-    if _stage_done(raw):
-        print(f"[ingest] done already: {raw}")
+    if _done(raw):
+        print(f"[ingest] done already: {raw}", flush=True)
         return raw
     url_list = workdir / "urls.parquet"
-    server = _start_server(n, url_list)
+    # serve on the port the existing URL list names, so a resumed ingest sees the same list
+    port = _port_of(url_list) if url_list.exists() else 0
+    try:
+        server = DemoDataServer(n=size.images, seed=0, split="train", port=port).start()
+    except OSError:  # that port is taken now: start the stage over on a free one
+        url_list.unlink(missing_ok=True)
+        server = DemoDataServer(n=size.images, seed=0, split="train", port=0).start()
     try:
         if not url_list.exists():
             shutil.rmtree(raw, ignore_errors=True)
-            write_url_list(url_list, server.url, n, seed=0, split="train")
+            write_url_list(url_list, server.url, size.images, seed=0, split="train")
         print(f"[ingest] demo data served at {server.url}; URL list {url_list}", flush=True)
-        connect(ray_address)
         result = run_download(open_url_list(url_list), raw, DownloadSettings(shard_rows=DEMO_SHARD_ROWS),
                               processes=2, cpus_per_task=0.5)
     finally:
@@ -76,58 +99,235 @@ def ingest_stage(workdir: Path, n: int, ray_address: str | None) -> Path:
     print(format_summary(result.summary), flush=True)
     if result.shards_failed:
         raise RuntimeError(f"[ingest] {len(result.shards_failed)} shard(s) failed; run `cm3 demo` again to resume")
-    _mark_done(raw, {"finished": time.time(), "successes": result.summary["successes"]})
+    _mark_done(raw, {"summary": result.summary})
     return raw
 
 
-def report_stage(workdir: Path, raw: Path) -> dict:
-    """Look at what was ingested: a captioned grid, and whether the pixel checker agrees with each caption."""
+def tokenizer_stage(workdir: Path, raw: Path, size: DemoSize) -> Path:
+    """VQ-GAN (demo preset), BPE, and both joined into one tokenizer artefact."""
+    from cm3.tokenizers.multimodal import MultimodalTokenizer
+    from cm3.tokenizers.text import train_from_shards
+    from cm3.tokenizers.vq_training import train_vqgan
+    from cm3.tokenizers.vqgan import VQGAN, VQGANConfig
+
+    folder = workdir / "tokenizer"
+    if _done(folder):
+        print(f"[tokenizer] done already: {folder}", flush=True)
+        return folder
+    print(f"[tokenizer] training the VQ-GAN (demo preset, {size.vq_seconds:.0f} s budget)", flush=True)
+    report = train_vqgan(raw, workdir / "vq", VQGANConfig.preset("demo"), seconds_budget=size.vq_seconds)
+    print(f"[tokenizer] VQ-GAN held-out PSNR {report['heldout_psnr_db']:.2f} dB after {report['steps']} steps",
+          flush=True)
+    text = train_from_shards(raw, size.vocab_size)
+    MultimodalTokenizer(text, VQGAN.from_pretrained(workdir / "vq" / "checkpoint")).save(folder)
+    _mark_done(folder, {"vq": {k: report[k] for k in ("heldout_psnr_db", "heldout_ssim", "heldout_codebook_usage",
+                                                       "steps", "seconds")}})
+    return folder
+
+
+def clip_stage(workdir: Path, raw: Path, size: DemoSize) -> dict:
+    from cm3.index.clip_embedder import TRAINED_CONFIG_FILE
+    from cm3.index.clip_training import train_clip
+
+    folder = workdir / "clip"
+    if not _done(folder):
+        print(f"[clip] training the demo CLIP ({size.clip_seconds:.0f} s budget)", flush=True)
+        report = train_clip(raw, folder, seconds_budget=size.clip_seconds, steps=100_000)
+        _mark_done(folder, {"report": {k: v for k, v in report.items() if isinstance(v, (int, float))}})
+    config = json.loads((folder / TRAINED_CONFIG_FILE).read_text())
+    return {"model_name": config["model_name"], "pretrained": str((folder / config["checkpoint"]).resolve())}
+
+
+def tokenize_stage(workdir: Path, raw: Path, tokenizer: Path, clip: dict) -> Path:
+    from cm3.pipeline.tokenize import run_tokenize
+
+    tokens = workdir / "tokens"
+    if not _done(tokens):
+        result = run_tokenize(raw, tokens, tokenizer, clip=clip, cpus_per_encoder=1.0)
+        print(f"[tokenize] {result.rows_tokenized} images in {result.seconds:.1f} s", flush=True)
+        _mark_done(tokens, {"images": result.rows_tokenized, "seconds": result.seconds})
+    return tokens
+
+
+def index_stage(workdir: Path, tokens: Path) -> tuple[Path, Path]:
+    from cm3.index.build import run_build_index
+
+    index, augmented = workdir / "index", workdir / "augmented"
+    if not _done(augmented):
+        report = run_build_index(tokens, index, augmented)
+        print(f"[build-index] {report['documents']} documents, {report['index']['kind']}", flush=True)
+        _mark_done(augmented, {"report": report})
+    return index, augmented
+
+
+def train_stage(workdir: Path, stage: str, shards: Path, size: DemoSize, tokenizer: Path | None,
+                init: Path | None) -> Path:
+    from cm3.workflows.train import TrainOptions, run_training
+
+    out = workdir / f"ckpt-{stage}"
+    if _done(out):
+        return out
+    steps = size.pretrain_steps if stage == "pretrain" else size.sft_steps
+    options = TrainOptions(
+        stage=stage, shards=shards, storage=workdir / "train", tokenizer=tokenizer, init=init, out=out,
+        preset="tiny", model_overrides={} if init else {"max_seq_len": size.seq_len}, seq_len=size.seq_len,
+        batch_size=8,
+        batch_tokens=8 * size.seq_len, steps=steps, lr=1e-3 if stage == "pretrain" else 3e-4,
+        warmup_steps=max(1, steps // 20), retrieved_min=0, retrieved_max=2, checkpoint_every=max(10, steps // 5),
+        log_every=max(1, steps // 20), cpus_per_worker=1.0,
+    )
+    print(f"[train] {stage}: {steps} steps", flush=True)
+    result = run_training(options)
+    _mark_done(out, {"steps": result.steps, "final_loss": result.final_loss, "loss_curve": str(result.loss_curve)})
+    return out
+
+
+def sft_data_stage(workdir: Path, tokenizer_dir: Path, size: DemoSize) -> Path:
+    from cm3.model.sft_tasks import demo_tasks, write_task_shards
+    from cm3.tokenizers.multimodal import MultimodalTokenizer
+
+    folder = workdir / "sft-data"
+    if not _done(folder):
+        tokenizer = MultimodalTokenizer.load(tokenizer_dir)
+        write_task_shards(demo_tasks(tokenizer, size.sft_images, seed=1), folder, tokenizer.tokens_per_image, 500)
+        _mark_done(folder, {"images": size.sft_images})
+    return folder
+
+
+def evaluate_stage(workdir: Path, checkpoint: Path, index: Path, augmented: Path, tokens: Path,
+                   size: DemoSize) -> dict:
+    """Held-out generations and captions, the ablations, and the pictures of the report."""
+    from cm3.index.query import Retriever
+    from cm3.model.checkpoint import load_checkpoint
+    from cm3.model.generation import SamplingConfig, caption_image, text_to_image
+    from cm3.model.sft_tasks import TEMPLATES
+    from cm3.workflows.demo import evaluate
+    from cm3.workflows.demo.shapes import spec_for
+
     report = workdir / "report"
     report.mkdir(parents=True, exist_ok=True)
-    images, captions, agree_colour, agree_shape, checked = [], [], 0, 0, 0
+    model, tokenizer = load_checkpoint(checkpoint)
+    retriever = Retriever(index)
+    specs = [spec_for(i, seed=0, split="heldout") for i in range(size.prompts)]
+
+    def generate(retrieved_k: int, guidance: float, method: str) -> tuple[torch.Tensor, list]:
+        images, asked = [], []
+        for i, spec in enumerate(specs):
+            docs = retriever.for_text(spec.caption, retrieved_k) if retrieved_k else None
+            sampling = SamplingConfig(guidance_scale=guidance, method=method, seed=i)
+            batch, _ = text_to_image(model, tokenizer, spec.caption, size.samples, sampling, retrieved=docs)
+            images.append(batch)
+            asked += [spec] * size.samples
+        return torch.cat(images), asked
+
+    variants = {"retrieval K=2, CFG 3, top-p": (2, 3.0, "top_p"), "no retrieval (K=0)": (0, 3.0, "top_p"),
+                "no CFG (scale 1)": (2, 1.0, "top_p"), "CD-K instead of top-p": (2, 3.0, "cd_k")}
+    ablations = {}
+    for name, (k, guidance, method) in variants.items():
+        images, asked = generate(k, guidance, method)
+        ablations[name] = evaluate.image_accuracy(images, asked)
+        if name.startswith("retrieval K=2"):
+            main = ablations[name]
+            image_grid([to_pil(x) for x in images], [s.caption for s in asked], cols=4).save(
+                report / "generations.png")
+
+    held_out_images = evaluate.spec_images(specs, tokenizer.vq.config.resolution)
+    captions = caption_image(model, tokenizer, held_out_images, question=TEMPLATES["captioning"][0])
+    image_grid([to_pil(x) for x in held_out_images], captions, cols=4).save(report / "captions.png")
+    captioning = evaluate.caption_accuracy(captions, specs)
+
+    reconstructions = tokenizer.decode_image(tokenizer.encode_image(held_out_images))
+    image_grid([to_pil(x) for x in torch.cat([held_out_images[:4], reconstructions[:4]])],
+               ["original"] * min(4, len(specs)) + ["VQ reconstruction"] * min(4, len(specs)), cols=4).save(
+        report / "vq_reconstructions.png")
+    _retrieval_examples(augmented, tokenizer, report / "retrieval_examples.png")
+    return {
+        "text_to_image": {**main, "command": f"cm3 generate PROMPT --checkpoint {checkpoint} -n {size.samples}"},
+        "image_to_text": {**captioning, "command": f"cm3 caption IMAGE --checkpoint {checkpoint}"},
+        "retrieval": {**evaluate.retrieval_agreement(augmented, tokens),
+                      "command": f"cm3 build-index {tokens} --index {index} --out {augmented}"},
+        "ablations": ablations,
+    }
+
+
+def _retrieval_examples(augmented: Path, tokenizer, path: Path, rows: int = 4) -> None:
+    """Each query image followed by its retrieved neighbours, decoded from their VQ codes."""
+    table = pq.read_table(raw_shards.parquet_path(augmented, raw_shards.complete_shards(augmented)[0])).slice(0, rows)
+    images, captions = [], []
+    for row in table.to_pylist():
+        codes = [row["image_ids"], *row["neighbour_image_ids"]][:3]
+        ids = torch.tensor([[tokenizer.vocab.image_offset + c for c in code] for code in codes])
+        decoded = tokenizer.decode_image(ids)
+        names = [row["caption"], *[f"neighbour {s:.2f}" for s in row["neighbour_scores"]]]
+        for j in range(3):
+            images.append(to_pil(decoded[j]) if j < len(decoded) else Image.new("RGB", (64, 64), "white"))
+            captions.append(names[j] if j < len(names) else "")
+    image_grid(images, captions, cols=3).save(path)
+
+
+def ingest_metrics(raw: Path) -> dict:
+    """How much of the demo data arrived, and whether the pixel checker agrees with each caption."""
+    agree_colour = agree_shape = checked = 0
     for shard_id in raw_shards.complete_shards(raw):
         table = pq.read_table(raw_shards.parquet_path(raw, shard_id), columns=["jpg", "caption", "status"])
         for jpg, caption, status in zip(*(table.column(c).to_pylist() for c in ("jpg", "caption", "status"))):
-            if status != "success":
-                continue
-            image = Image.open(io.BytesIO(jpg)).convert("RGB")
-            reading = read_attributes(image)
-            checked += 1
-            agree_colour += f" {reading.colour} " in f" {caption} "
-            agree_shape += f" {reading.shape}" in caption
-            if len(images) < 16:
-                images.append(image)
-                captions.append(caption)
-    image_grid(images, captions).save(report / "ingested_samples.png")
+            if status == "success":
+                reading = read_attributes(Image.open(io.BytesIO(jpg)).convert("RGB"))
+                checked += 1
+                agree_colour += f" {reading.colour} " in f" {caption} "
+                agree_shape += f" {reading.shape}" in caption
     summary = raw_shards.read_json(raw / raw_shards.SUMMARY_FILE)
-    metrics = {
-        "ingest": {
-            "urls": summary["count"],
-            "success_rate": summary["success_rate"],
+    return {"urls": summary["count"], "success_rate": summary["success_rate"],
             "images_per_second": summary.get("this_run", {}).get("images_per_second"),
             "checker_colour_agreement": round(agree_colour / max(checked, 1), 4),
-            "checker_shape_agreement": round(agree_shape / max(checked, 1), 4),
-            "command": f"cm3 ingest {workdir / 'urls.parquet'} --out {raw}",
-        }
-    }
+            "checker_shape_agreement": round(agree_shape / max(checked, 1), 4)}
+
+
+def write_report(workdir: Path, metrics: dict) -> Path:
+    report = workdir / "report"
+    report.mkdir(parents=True, exist_ok=True)
+    for name, source in (("loss_pretrain.png", workdir / "train" / "cm3-pretrain" / "loss_curve.png"),
+                         ("loss_sft.png", workdir / "train" / "cm3-sft" / "loss_curve.png"),
+                         ("vq_training_reconstructions.png", workdir / "vq" / "reconstructions.png")):
+        if source.exists():
+            shutil.copy(source, report / name)
     (report / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    (report / "report.md").write_text(
-        "# cm3 demo report\n\n"
-        f"## Ingest\n\n{summary['successes']} of {summary['count']} images downloaded "
-        f"({100 * summary['success_rate']:.1f}%); the pixel checker agrees with "
-        f"{100 * metrics['ingest']['checker_colour_agreement']:.1f}% of captions on colour and "
-        f"{100 * metrics['ingest']['checker_shape_agreement']:.1f}% on shape.\n\n"
-        "![ingested samples](ingested_samples.png)\n\n"
-        f"Reproduce: `{metrics['ingest']['command']}`\n"
-    )
+    lines = ["# cm3 demo report", "", f"Work folder: `{workdir}`. Every figure below is in `metrics.json`.", ""]
+    for section, values in metrics.items():
+        lines.append(f"## {section}")
+        lines.append("")
+        for key, value in values.items():
+            lines.append(f"- {key}: `{json.dumps(value)}`")
+        lines.append("")
+    pictures = sorted(p.name for p in report.glob("*.png"))
+    lines += ["## Pictures", ""] + [f"![{name}]({name})" for name in pictures]
+    (report / "report.md").write_text("\n".join(lines) + "\n")
     print(f"[report] {report / 'report.md'}", flush=True)
-    return metrics
+    return report
 
 
-def run_demo(workdir: Path, n: int = 2000, fresh: bool = False, ray_address: str | None = None) -> dict:
+def run_demo(workdir: Path, size: DemoSize = DemoSize(), fresh: bool = False, ray_address: str | None = None,
+             stages: str = "all") -> dict:
+    """Run the stages in order (``stages="ingest"``: only the download, for a quick look)."""
     workdir = Path(workdir)
     if fresh:
         shutil.rmtree(workdir, ignore_errors=True)
     workdir.mkdir(parents=True, exist_ok=True)
-    raw = ingest_stage(workdir, n, ray_address)
-    return report_stage(workdir, raw)
+    started = time.time()
+    connect(ray_address)
+    raw = ingest_stage(workdir, size)
+    metrics: dict = {"ingest": {**ingest_metrics(raw), "command": f"cm3 ingest {workdir / 'urls.parquet'} --out {raw}"}}
+    if stages != "ingest":
+        tokenizer = tokenizer_stage(workdir, raw, size)
+        metrics["tokenizer"] = {**_info(tokenizer)["vq"], "preset": "demo (8x8 = 64 tokens per image)",
+                                "command": f"cm3 tokenizer train-vq --data {raw} --out {workdir / 'vq'} --preset demo"}
+        clip = clip_stage(workdir, raw, size)
+        tokens = tokenize_stage(workdir, raw, tokenizer, clip)
+        index, augmented = index_stage(workdir, tokens)
+        pretrain = train_stage(workdir, "pretrain", augmented, size, tokenizer, None)
+        sft = train_stage(workdir, "sft", sft_data_stage(workdir, tokenizer, size), size, None, pretrain)
+        metrics["training"] = {"pretrain": _info(pretrain), "sft": _info(sft)}
+        metrics.update(evaluate_stage(workdir, sft, index, augmented, tokens, size))
+    metrics["run"] = {"seconds": round(time.time() - started, 1), "size": asdict(size)}
+    write_report(workdir, metrics)
+    return metrics
