@@ -162,3 +162,17 @@ def test_lpips_reads_local_weights_and_measures_distance(tmp_path) -> None:
     save_file(state, str(path))
     with pytest.raises(ValueError, match="lin4.model.1.weight"):
         LPIPS(path)
+
+
+def test_cosine_codebook_does_not_collapse_on_a_tiny_run(raw, tmp_path) -> None:
+    """The demo preset's l2-normalised codebook with frequent dead-code restarts keeps many codes in use."""
+    config = VQGANConfig(**{**TINY.to_dict(), "l2_normalize": True})
+    options = TrainOptions(**{**FAST.__dict__, "codebook_weight": 0.25, "restart_every": 5, "dead_code_steps": 10})
+    report = train_vqgan(raw, tmp_path, config, steps=30, batch_size=4, lr=3e-3, heldout_fraction=0.25,
+                         progress=False, options=options)
+    assert report["train_codebook_usage"] >= 0.25, report["train_codebook_usage"]
+    assert report["heldout_codebook_usage"] >= 0.1, report["heldout_codebook_usage"]
+    model = VQGAN.from_pretrained(tmp_path / "checkpoint")
+    assert model.quantize.l2_normalize
+    codes = model.quantize.codes()
+    assert torch.allclose(codes.norm(dim=1), torch.ones(len(codes)), atol=1e-5)

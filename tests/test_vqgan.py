@@ -97,6 +97,8 @@ def test_default_config_is_cm3leon_f8_with_1024_tokens() -> None:
     assert VQGANConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
     demo = VQGANConfig.preset("demo")
     assert demo.tokens_per_image == 64 and demo.resolution == 256
+    assert demo.l2_normalize and not cfg.l2_normalize  # cosine codebook only for the from-scratch demo
+    assert VQGANConfig.from_dict(demo.to_dict()) == demo
     with pytest.raises(ValueError, match="unknown preset"):
         VQGANConfig.preset("nope")
 
@@ -229,3 +231,16 @@ def test_legacy_and_new_quantizer_losses_weight_the_two_terms_differently() -> N
     assert torch.allclose(z_legacy, z_new / beta)
     assert torch.allclose(e_legacy, e_new * beta)
     assert not torch.allclose(z_legacy, z_new)
+
+
+def test_cosine_quantizer_uses_unit_codes_and_keeps_the_taming_keys() -> None:
+    torch.manual_seed(0)
+    quantizer = VectorQuantizer(8, 4, 0.25, True, l2_normalize=True)
+    quantizer.embedding.weight.data.normal_()
+    assert set(quantizer.state_dict()) == {"embedding.weight"}  # no extra buffers: taming layout unchanged
+    z = torch.randn(2, 4, 3, 3) * 5
+    z_q, loss, indices = quantizer(z)
+    assert torch.allclose(z_q.norm(dim=1), torch.ones(2, 3, 3), atol=1e-5)
+    codes = torch.nn.functional.normalize(quantizer.embedding.weight, dim=1)
+    expected = (torch.nn.functional.normalize(z, dim=1).permute(0, 2, 3, 1) @ codes.t()).argmax(-1)
+    assert torch.equal(indices, expected) and torch.equal(quantizer.nearest(z), expected)

@@ -115,7 +115,8 @@ def tokenizer_stage(workdir: Path, raw: Path, size: DemoSize) -> Path:
         print(f"[tokenizer] done already: {folder}", flush=True)
         return folder
     print(f"[tokenizer] training the VQ-GAN (demo preset, {size.vq_seconds:.0f} s budget)", flush=True)
-    report = train_vqgan(raw, workdir / "vq", VQGANConfig.preset("demo"), seconds_budget=size.vq_seconds)
+    report = train_vqgan(raw, workdir / "vq", VQGANConfig.preset("demo"), seconds_budget=size.vq_seconds,
+                         batch_size=8, lr=2e-4)
     print(f"[tokenizer] VQ-GAN held-out PSNR {report['heldout_psnr_db']:.2f} dB after {report['steps']} steps",
           flush=True)
     text = train_from_shards(raw, size.vocab_size)
