@@ -140,6 +140,7 @@ class StepStats:
     image_loss: float
     grad_norm: float
     tokens: int  # window tokens processed by all workers (padding included)
+    workers: int = 1  # ranks whose micro-batches the loss sums came from (the all-reduce's group size)
 
 
 class TokenKinds:
@@ -189,7 +190,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro_batches
     loss, weight, text_loss, text_weight, image_loss, image_weight = sums.tolist()
     tokens = world * sum(b.inputs.numel() for b in micro_batches)
     return StepStats(loss / max(weight, 1.0), text_loss / max(text_weight, 1.0),
-                     image_loss / max(image_weight, 1.0), float(grad_norm), tokens)
+                     image_loss / max(image_weight, 1.0), float(grad_norm), tokens, world)
 
 
 def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:

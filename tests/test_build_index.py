@@ -77,6 +77,19 @@ def test_augmented_shards_carry_filtered_neighbours_with_their_tokens(corpus, ra
     assert Image.open(root / "sheet.png").width == 3 * 192
 
 
+def test_generate_prepends_retrieved_documents_and_reranks_by_clip(corpus, tmp_path):
+    root, _ = corpus  # the index of the first test
+    cm3("model", "init", "--tokenizer", str(root / "tok"), "--out", str(tmp_path / "ckpt"), "--preset", "tiny",
+        check=True)
+    out = tmp_path / "gen" / "grid.png"
+    proc = cm3("generate", "a small red circle", "--checkpoint", str(tmp_path / "ckpt"), "--index",
+               str(root / "index"), "-n", "2", "--rerank", "--out", str(out), check=True)
+    assert "2 images" in proc.stdout
+    assert [Image.open(out.with_name(f"grid_{i}.png")).size for i in range(2)] == [(256, 256)] * 2
+    refused = cm3("generate", "a red circle", "--checkpoint", str(tmp_path / "ckpt"), "--rerank")
+    assert refused.returncode == 2 and "--index" in refused.stderr
+
+
 def test_shards_without_vectors_get_them_from_a_given_clip(corpus, ray_cluster):
     root, clip = corpus
     missing = cm3("build-index", str(root / "plain"), "--index", str(root / "i2"), "--out", str(root / "a2"),

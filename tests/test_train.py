@@ -152,6 +152,35 @@ def test_killed_worker_resumes_from_its_checkpoint(tmp_path, tokenizer_dir, voca
     assert {r["start_step"] for r in records if r["step"] > 8} <= {4, 8}
 
 
+def test_two_cpu_workers_train_together(tmp_path, tokenizer_dir, vocab, ray_local):
+    """DDP over gloo with 2 workers at 0.5 CPU on the 2-CPU cluster: every step all-reduces over both ranks,
+    and the checkpoint holds both ranks' data positions."""
+    import json
+    import math
+
+    from cm3.model.training import STATE_FILE
+    from cm3.workflows.train import run_training
+
+    shards = write_augmented_shards(tmp_path / "shards", vocab, shards=1, rows=25)  # odd: ranks get 13 and 12 rows
+    result = run_training(options("pretrain", shards, tmp_path / "runs", tokenizer=tokenizer_dir, steps=6,
+                                  checkpoint_every=6, num_workers=2, cpus_per_worker=0.5))
+    records = read_metrics(result.metrics)
+    assert [r["step"] for r in records] == list(range(1, 7))  # past an epoch boundary on both ranks
+    assert all(r["world_size"] == 2 for r in records)
+    assert all(math.isfinite(r["loss"]) and r["loss"] > 0 for r in records)
+    assert records[-1]["tokens_seen"] == 6 * 2 * 4 * SEQ  # steps x ranks x batch x seq_len
+    state = json.loads((result.run_dir / "checkpoint_0000006" / STATE_FILE).read_text())
+    assert len(state["positions"]) == 2 and state["positions"][0] != state["positions"][1]
+
+
+def test_workers_that_leave_no_cpu_for_data_fail_early():
+    from cm3.workflows.train import check_data_cpus
+
+    check_data_cpus(2.0, num_workers=2, cpus_per_worker=0.5)
+    with pytest.raises(ValueError, match="cpus-per-worker 0.75"):
+        check_data_cpus(2.0, num_workers=2, cpus_per_worker=1.0)
+
+
 def test_killed_driver_resumes_with_the_same_data_order(tmp_path, tokenizer_dir, vocab):
     shards = write_augmented_shards(tmp_path / "shards", vocab, shards=1)
     storage = tmp_path / "runs"

@@ -575,6 +575,9 @@ def generate(
     cd_alpha: float = typer.Option(0.1, help="CD-K plausibility cut-off alpha."),
     cd_k: int = typer.Option(5, help="CD-K: compare with the k-th largest expert probability."),
     seed: int = typer.Option(0, help="Sampling seed."),
+    index: Optional[Path] = typer.Option(None, help="Retrieve documents for the prompt from this index and prepend them."),
+    retrieved: int = typer.Option(2, min=0, help="With --index: how many documents to prepend."),
+    rerank: bool = typer.Option(False, "--rerank", help="Order the N images by CLIP score (the index's CLIP model)."),
     device: str = typer.Option("cpu", help="cpu or cuda."),
 ) -> None:
     """Text to image: sample N images for a prompt with CFG and top-p or CD-K, save a PNG grid.
@@ -584,18 +587,33 @@ def generate(
       cm3 generate "a small red circle at the top left on a white background" --checkpoint ckpt/sft -n 8
 
       cm3 generate "a blue square" --checkpoint ckpt/sft --method mix --guidance 4 --out blue.png
+
+      cm3 generate "a green circle" --checkpoint ckpt/sft --index data/index -n 8 --rerank
     """
     from cm3.model.checkpoint import load_checkpoint
-    from cm3.model.generation import text_to_image
+    from cm3.model.generation import rerank_by_clip, text_to_image
     from cm3.workflows.report import image_grid, to_pil
 
     sampling = _sampling("top_p" if method == "mix" else method, guidance, temperature, top_p, cd_alpha, cd_k, seed)
+    if rerank and index is None:
+        fail("--rerank scores with the CLIP model of an index: give --index too")
     try:
         model, tokenizer = load_checkpoint(checkpoint, device=device)
-        images, _ = text_to_image(model, tokenizer, prompt, n, sampling, mix=method == "mix")
-    except (FileNotFoundError, ValueError) as err:
+        retriever = None
+        if index is not None:
+            from cm3.index.query import Retriever
+
+            retriever = Retriever(index)
+        docs = retriever.for_text(prompt, retrieved) if retriever is not None and retrieved else None
+        images, _ = text_to_image(model, tokenizer, prompt, n, sampling, retrieved=docs, mix=method == "mix")
+    except (FileNotFoundError, ValueError, InputError) as err:
         fail(str(err))
     pictures = [to_pil(image) for image in images]
+    if rerank:
+        embedder = retriever.embedder
+        order = rerank_by_clip(images, prompt, lambda _, text: embedder.embed_images(pictures)
+                               @ embedder.embed_texts([text])[0])
+        pictures = [pictures[i] for i in order.tolist()]
     out.parent.mkdir(parents=True, exist_ok=True)
     image_grid(pictures, [f"{prompt} #{i}" for i in range(n)], cols=min(4, n)).save(out)
     for i, picture in enumerate(pictures):
