@@ -251,3 +251,12 @@ def test_bad_inputs_fail_before_training_with_the_path_named(tmp_path, tokenizer
     with pytest.raises(ValueError, match="vocab_size"):  # resuming the pretrain run with another vocabulary
         run_training(options("pretrain", good, storage, tokenizer=other))
     assert {p: p.stat().st_mtime_ns for p in pretrained.run_dir.rglob("*")} == before
+
+
+def test_paths_handed_to_workers_are_absolute():
+    """Ray workers run in their own folder: a relative --init or --shards would not be found there."""
+    from cm3.workflows.train import TrainOptions, absolute_paths
+
+    resolved = absolute_paths(TrainOptions(stage="sft", shards=Path("rel/shards"), init=Path("rel/init")))
+    assert resolved.shards == Path.cwd() / "rel" / "shards" and resolved.init == Path.cwd() / "rel" / "init"
+    assert resolved.storage.is_absolute() and resolved.tokenizer is None

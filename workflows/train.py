@@ -246,8 +246,18 @@ def plan_run(options: TrainOptions):
 # Driver: the run
 
 
+def absolute_paths(options: TrainOptions) -> TrainOptions:
+    """Ray workers do not run in the driver's folder: every path they are handed must be absolute."""
+    import dataclasses
+
+    fields = ("shards", "storage", "tokenizer", "init", "out")
+    return dataclasses.replace(options, **{name: Path(getattr(options, name)).resolve()
+                                           for name in fields if getattr(options, name) is not None})
+
+
 def run_training(options: TrainOptions) -> TrainResult:
     """Check inputs, train on Ray (resuming the run if it has checkpoints), export the inference checkpoint."""
+    options = absolute_paths(options)
     plan, tokenizer, paths, columns = plan_run(options)
 
     import ray
