@@ -36,6 +36,17 @@ def cm3(*args: str, timeout: float = 300, check: bool = False, **kwargs) -> subp
     return proc
 
 
+@pytest.fixture
+def torch_one_thread():
+    """Tiny models on a shared 2-core machine: extra OpenMP threads only spin and make them several times slower."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="session")
 def demo_server():
     from cm3.workflows.demo.server import DemoDataServer

@@ -12,13 +12,7 @@ from cm3.model.decoder import CM3, KVCache
 from cm3.model.objective import cm3_loss
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are tiny: on a busy 2-core machine OpenMP threads spin and make them ~30x slower, not faster."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def small_config(**overrides) -> CM3Config:

@@ -34,13 +34,7 @@ VOCAB = Vocabulary(text_vocab_size=50, image_vocab_size=16, num_sentinels=8, num
 INF = float("inf")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models on a busy 2-core machine: more OpenMP threads only spin."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def random_model(vocab_size: int, max_seq_len: int = 96, seed: int = 0, **overrides) -> CM3:

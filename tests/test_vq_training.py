@@ -32,13 +32,7 @@ FAST = TrainOptions(crop_size=None, log_every=5, checkpoint_every=30, restart_ev
                     usage_window=10)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Single-threaded torch is several times faster for these tiny models on a shared 2-core machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -72,13 +72,7 @@ def _taming_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
     return {k: torch.randn(s, generator=generator) * 0.1 for k, s in shapes.items()}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Single-threaded torch is several times faster for these small models on a shared 2-core machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def _images(n: int, size: int, seed: int = 0) -> torch.Tensor:
