@@ -176,7 +176,9 @@ def run_build_index(tokens_dir: Path, index_dir: Path, augmented_dir: Path, *, c
     retrieval_started = time.time()
     if pending:
         actors = actors or max(1, int(ray.cluster_resources().get("CPU", 1) // 2))
-        dataset = ray.data.read_parquet([str(raw_shards.parquet_path(tokens_dir, s)) for s in pending]).map_batches(
+        # One block per token shard, so augmented shards commit as they finish (see run_tokenize).
+        dataset = ray.data.read_parquet([str(raw_shards.parquet_path(tokens_dir, s)) for s in pending],
+                                        override_num_blocks=len(pending)).map_batches(
             RetrieveBatch,
             fn_constructor_kwargs={"index_dir": str(index_dir.resolve()), "settings": settings.retrieval,
                                    "clip": identity, "seed": settings.seed},

@@ -219,8 +219,11 @@ def run_tokenize(raw_dir: Path, tokens_dir: Path, tokenizer_dir: Path, *, clip: 
         gpus = ray.cluster_resources().get("GPU", 0)
         if encoders is None:
             encoders = int(gpus) if gpus >= 1 else max(1, int(ray.cluster_resources().get("CPU", 1) // 2))
+        # One block per raw shard: otherwise Ray Data merges small files into one block, every token shard
+        # arrives (and commits) at the very end, and a killed run has nothing to resume from.
         dataset = ray.data.read_parquet(
-            [str(raw_shards.parquet_path(raw_dir, s)) for s in pending], columns=RAW_COLUMNS, include_paths=True
+            [str(raw_shards.parquet_path(raw_dir, s)) for s in pending], columns=RAW_COLUMNS, include_paths=True,
+            override_num_blocks=len(pending),
         ).map_batches(
             TokenizeBatch,
             fn_constructor_kwargs={"tokenizer_dir": str(tokenizer_dir.resolve()),
