@@ -33,7 +33,7 @@ def test_token_shards_have_the_documented_schema_at_1024_tokens(ray_cluster, tmp
     raw, tokens = tmp_path / "raw", tmp_path / "tokens"
     cut = encode_jpeg(render(spec_for(99)))[:500]
     write_raw_shards(raw, shards=2, rows=3, broken={(1, 0): b"<html>not an image</html>", (1, 2): cut})
-    tokenizer = make_tokenizer(tmp_path / "tok", TINY_F32, captions())
+    tokenizer = make_tokenizer(tmp_path / "tok", TINY_F8, captions())
     assert tokenizer.tokens_per_image == 1024
 
     proc = cm3("tokenize", str(raw), "--out", str(tokens), "--tokenizer", str(tmp_path / "tok"),
