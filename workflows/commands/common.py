@@ -1,0 +1,64 @@
+"""Shared pieces of the command modules: failing with exit code 2, the CLIP options, summaries."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+EXIT_BAD_INPUT = 2
+
+
+def fail(message: str, code: int = EXIT_BAD_INPUT) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+CLIP_DIR_HELP = "A CLIP folder written by `cm3 clip train` (adds CLIP vectors)."
+
+
+CLIP_MODEL_HELP = "An OpenCLIP model name instead, e.g. ViT-B-32 (adds CLIP vectors)."
+
+
+CLIP_PRETRAINED_HELP = "With --clip-model: an OpenCLIP pretrained tag (needs the hub) or a local checkpoint file."
+
+
+def clip_identity(clip_dir: Optional[Path], clip_model: Optional[str], clip_pretrained: Optional[str]) -> Optional[dict]:
+    """{"model_name", "pretrained"} from either a trained CLIP folder or an OpenCLIP name and tag/file."""
+    if clip_dir is not None and clip_model is not None:
+        fail("give either --clip or --clip-model, not both")
+    if clip_dir is not None:
+        import json
+
+        from cm3.index.clip_embedder import TRAINED_CONFIG_FILE
+
+        config_path = clip_dir / TRAINED_CONFIG_FILE
+        if not config_path.is_file():
+            fail(f"{clip_dir}: not a trained CLIP folder ({TRAINED_CONFIG_FILE} is missing); see cm3 clip train")
+        config = json.loads(config_path.read_text())
+        return {"model_name": config["model_name"], "pretrained": str((clip_dir / config["checkpoint"]).resolve())}
+    if clip_model is not None:
+        from cm3.index.clip_embedder import check_model_source
+
+        try:
+            check_model_source(clip_model, clip_pretrained)
+        except (ValueError, FileNotFoundError) as err:
+            fail(str(err))
+        return {"model_name": clip_model, "pretrained": clip_pretrained}
+    return None
+
+
+def json_summary(report: dict) -> str:
+    return ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in report.items()
+                     if isinstance(v, (int, float)))
+
+
+def parse_bytes(text: str) -> int:
+    """'512MB', '4GB', '4GiB', '1e9' -> bytes (binary units)."""
+    import re
+
+    match = re.fullmatch(r"\s*([0-9.eE+]+)\s*([KMGT]?)(?:I?B)?\s*", text.upper())
+    if not match:
+        fail(f"--memory-budget {text!r}: expected a size such as 512MB or 4GB")
+    return int(float(match.group(1)) * 1024 ** " KMGT".index(match.group(2) or " "))
