@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -15,6 +16,7 @@ from cm3.tokenizers.vq_training import (
     LPIPS,
     CodebookTracker,
     TrainOptions,
+    _batch,
     evaluate,
     is_heldout,
     load_images,
@@ -170,3 +172,17 @@ def test_cosine_codebook_does_not_collapse_on_a_tiny_run(raw, tmp_path) -> None:
     assert model.quantize.l2_normalize
     codes = model.quantize.codes()
     assert torch.allclose(codes.norm(dim=1), torch.ones(len(codes)), atol=1e-5)
+
+
+def test_busiest_crop_keeps_the_shape_rather_than_the_background() -> None:
+    spec = shapes.ShapeSpec("square", "red", "small", "top left", "white", cx=40.0, cy=40.0, radius=24.0)
+    image = torch.from_numpy(np.asarray(shapes.render(spec))).permute(2, 0, 1)[None]
+    generator = torch.Generator().manual_seed(0)
+    plain = _batch(image.expand(64, -1, -1, -1), 64, 64, generator, candidates=1)
+    busiest = _batch(image.expand(64, -1, -1, -1), 64, 64, generator, candidates=8)
+    assert plain.shape == busiest.shape == (64, 3, 64, 64)
+
+    def has_shape(batch: torch.Tensor) -> torch.Tensor:  # any red pixel: a white crop is all > 0.9
+        return (batch[:, 1] < 0).flatten(1).any(1).float()
+
+    assert has_shape(busiest).mean() > has_shape(plain).mean() + 0.3

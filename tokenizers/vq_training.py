@@ -51,6 +51,9 @@ class TrainOptions:
     restart_every: int = 100
     usage_window: int = 50  # steps over which training codebook usage is measured
     crop_size: int | None = 128  # random square crops: 4x cheaper steps than 256; None = full images
+    # Draw this many candidate crops per image and keep the busiest (largest pixel variance): on images
+    # that are mostly flat (the demo's shapes, product photos) plain random crops are mostly background.
+    crop_candidates: int = 1
     warmup_steps: int = 5
     min_lr_fraction: float = 0.05  # cosine decay, over max(step, time) progress, down to this
     checkpoint_every: int = 200
@@ -60,11 +63,13 @@ class TrainOptions:
 
 
 def demo_training_options() -> TrainOptions:
-    """Options for the "demo" preset (cosine codebook, 64 tokens): a lighter codebook/commitment loss and
-    frequent dead-code restarts against collapse, and 64-pixel crops (4x cheaper steps than 128; the model
-    is convolutional, evaluation uses full 256x256 images). ``train_vqgan`` uses these when ``options`` is None
-    and the config has ``l2_normalize``. Still under tuning: see the tokenizer report for measured PSNR."""
-    return TrainOptions(codebook_weight=0.25, restart_every=10, dead_code_steps=30, usage_window=30, crop_size=64)
+    """Options for the "demo" preset (cosine codebook, 64 tokens): a lighter codebook/commitment loss,
+    frequent dead-code restarts against collapse, and 128-pixel crops chosen as the busiest of 4 (the model
+    is convolutional; evaluation uses full 256x256 images). ``train_vqgan`` uses these when ``options`` is
+    None and the config has ``l2_normalize``. Measured against plain random 64-pixel crops, 150 s each on
+    one core: 15.4 dB vs 10.2 dB held-out PSNR; still far from the 28 dB target (see the tokenizer report)."""
+    return TrainOptions(codebook_weight=0.25, restart_every=10, dead_code_steps=30, usage_window=30, crop_size=128,
+                        crop_candidates=4)
 
 
 # --- data ---------------------------------------------------------------------------------------
@@ -331,16 +336,30 @@ def _lr_factor(step: int, progress: float, options: TrainOptions) -> float:
     return warm * (options.min_lr_fraction + (1 - options.min_lr_fraction) * cosine)
 
 
-def _batch(images: torch.Tensor, batch_size: int, crop: int | None, generator: torch.Generator) -> torch.Tensor:
-    """A random batch in [-1, 1]: random horizontal flips and, if asked, random square crops."""
+def _batch(images: torch.Tensor, batch_size: int, crop: int | None, generator: torch.Generator,
+           candidates: int = 1) -> torch.Tensor:
+    """A random batch in [-1, 1]: random horizontal flips and, if asked, square crops (per image, the
+    busiest of ``candidates`` random positions)."""
     idx = torch.randint(images.shape[0], (batch_size,), generator=generator)
     x = images[idx]
     if crop is not None and crop < x.shape[-1]:
-        top, left = (int(v) for v in torch.randint(x.shape[-1] - crop + 1, (2,), generator=generator))
-        x = x[:, :, top : top + crop, left : left + crop]
+        x = _busiest_crops(x, crop, max(1, candidates), generator)
     flip = torch.rand(batch_size, generator=generator) < 0.5
     x = torch.where(flip[:, None, None, None], x.flip(-1), x)
     return to_float(x).contiguous(memory_format=torch.channels_last)
+
+
+def _busiest_crops(x: torch.Tensor, crop: int, candidates: int, generator: torch.Generator) -> torch.Tensor:
+    corners = torch.randint(x.shape[-1] - crop + 1, (x.shape[0], candidates, 2), generator=generator)
+    chosen = []
+    for image, options in zip(x, corners):
+        windows = [image[:, top : top + crop, left : left + crop] for top, left in options.tolist()]
+        if len(windows) == 1:
+            chosen.append(windows[0])
+            continue
+        spread = torch.stack([w.float().flatten(1).var(1).sum() for w in windows])
+        chosen.append(windows[int(spread.argmax())])
+    return torch.stack(chosen)
 
 
 def train_vqgan(
@@ -428,7 +447,7 @@ def _train(data: str | os.PathLike[str], out: Path, config: VQGANConfig, steps: 
         progress_fraction = max(step / steps, elapsed() / seconds_budget if seconds_budget else 0.0)
         for group, base in ((opt.param_groups[0], lr), (disc_opt.param_groups[0], lr * options.disc_lr_scale)):
             group["lr"] = base * _lr_factor(step, progress_fraction, options)
-        x = _batch(train_images, batch_size, options.crop_size, generator)
+        x = _batch(train_images, batch_size, options.crop_size, generator, options.crop_candidates)
 
         z = model.encode_latent(x)
         z_q, q_loss, indices = model.quantize(z)

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -107,7 +108,7 @@ def tokenizer_stage(workdir: Path, raw: Path, size: DemoSize) -> Path:
     """VQ-GAN (demo preset), BPE, and both joined into one tokenizer artefact."""
     from cm3.tokenizers.multimodal import MultimodalTokenizer
     from cm3.tokenizers.text import train_from_shards
-    from cm3.tokenizers.vq_training import train_vqgan
+    from cm3.tokenizers.vq_training import demo_training_options, train_vqgan
     from cm3.tokenizers.vqgan import VQGAN, VQGANConfig
 
     folder = workdir / "tokenizer"
@@ -115,8 +116,10 @@ def tokenizer_stage(workdir: Path, raw: Path, size: DemoSize) -> Path:
         print(f"[tokenizer] done already: {folder}", flush=True)
         return folder
     print(f"[tokenizer] training the VQ-GAN (demo preset, {size.vq_seconds:.0f} s budget)", flush=True)
+    # Every core: nothing else runs during this stage (two threads gave 1.4x the steps of one here).
+    options = replace(demo_training_options(), num_threads=os.cpu_count())
     report = train_vqgan(raw, workdir / "vq", VQGANConfig.preset("demo"), seconds_budget=size.vq_seconds,
-                         batch_size=8, lr=2e-4)
+                         batch_size=8, lr=2e-4, options=options)
     print(f"[tokenizer] VQ-GAN held-out PSNR {report['heldout_psnr_db']:.2f} dB after {report['steps']} steps",
           flush=True)
     text = train_from_shards(raw, size.vocab_size)
