@@ -92,7 +92,22 @@ def test_captions() -> None:
         assert match[3] == spec.shape and match[6] == spec.background
         assert (match[4] == "in the center") == (spec.position == "center")
     spec = shapes.ShapeSpec("circle", "red", "small", "top left", "white", 40.0, 40.0, 24.0)
-    assert spec.caption == "a small red circle at the top left on a white background"
+    assert spec.caption == spec.alt_text == "a small red circle at the top left on a white background"
+
+
+def test_alt_text_names_colour_and_shape_always_and_each_detail_about_half_the_time() -> None:
+    specs = [spec for _, spec in shapes.iter_dataset(2000)]
+    for spec in specs[:300]:
+        assert spec.alt_text.startswith("a ") and f"{spec.colour} {spec.shape}" in spec.alt_text
+        assert (spec.size in spec.alt_text.split()) == ("size" in spec.details)
+        assert ("background" in spec.alt_text) == ("background" in spec.details)
+        assert (" at the " in spec.alt_text or " in the center" in spec.alt_text) == ("position" in spec.details)
+    for detail in shapes.DETAILS:
+        share = sum(detail in spec.details for spec in specs) / len(specs)
+        assert abs(share - shapes.DETAIL_PROBABILITY) < 0.05, (detail, share)
+    # Drawn after everything else: image 0 is the image it was before alt texts existed.
+    assert (specs[0].shape, specs[0].colour, specs[0].cx, specs[0].cy, specs[0].radius) == (
+        "triangle", "green", 120.7, 120.3, 45.3)
 
 
 # --- checker ------------------------------------------------------------------------------
@@ -227,7 +242,7 @@ def test_url_lists_parse_with_rows_and_columns(server, fmt: str) -> None:
     assert table["url"][5] == f"{server.url}/images/train/5.jpg"
     if fmt != "txt":
         spec = shapes.spec_for(5)
-        assert table["caption"][5] == spec.caption and table["shape"][5] == spec.shape
+        assert table["caption"][5] == spec.alt_text and table["shape"][5] == spec.shape
 
     limited = _parse(fmt, _get(f"{server.url}/urls.{fmt}?n=7&broken=1")[2])
     assert len(limited) == 7 + len(BROKEN_CASES)

@@ -77,7 +77,7 @@ def url_rows(
     def row(path: str, index: int) -> dict[str, str]:
         spec = spec_for(index, seed, split)
         attributes = {k: getattr(spec, k) for k in COLUMNS[2:]}
-        return {"url": base_url + path, "caption": spec.caption, **attributes}
+        return {"url": base_url + path, "caption": spec.alt_text, **attributes}
 
     count = n if limit is None else max(0, min(limit, n))
     rows = [row(image_path(split, i), i) for i in range(count)]
