@@ -350,6 +350,7 @@ def _batch(images: torch.Tensor, batch_size: int, crop: int | None, generator: t
 
 
 def _busiest_crops(x: torch.Tensor, crop: int, candidates: int, generator: torch.Generator) -> torch.Tensor:
+    """Per image, of ``candidates`` random crop positions the one with the largest pixel variance."""
     corners = torch.randint(x.shape[-1] - crop + 1, (x.shape[0], candidates, 2), generator=generator)
     chosen = []
     for image, options in zip(x, corners):

@@ -51,13 +51,14 @@ HELD_OUT: tuple[tuple[str, str], ...] = (
 SPLITS: dict[str, int] = {"train": 0, "heldout": 1}  # split name -> id mixed into the seed
 
 CENTRE_JITTER = 8.0  # +- pixels around the nominal grid centre
+DIAMETER_JITTER = 4.0  # +- pixels around the nominal diameter
+
 # The URL list's captions (alt text) always name the colour and the shape and each other attribute
 # with this probability, as real alt text names the object and only sometimes its setting. When
 # every caption named all five attributes, CLIP weighed them equally and the paper's 0.9 retrieval
-# filter then dropped exactly the same-object neighbours (README: "Demo data").
+# filter then dropped exactly the same-object neighbours (README: "The embedded demo data set").
 DETAIL_PROBABILITY = 0.5
 DETAILS = ("size", "position", "background")
-DIAMETER_JITTER = 4.0  # +- pixels around the nominal diameter
 
 
 @dataclass(frozen=True)
@@ -77,7 +78,6 @@ class ShapeSpec:
     cy: float
     radius: float
     details: tuple[str, ...] = DETAILS  # which of DETAILS the alt text names
-
 
     @property
     def caption(self) -> str:
