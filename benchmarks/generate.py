@@ -11,7 +11,7 @@ Targets: on a GPU (350m, bf16, H100/H200) >= 10 images/s and >= 10x HF; on a CPU
     .venv/bin/python benchmarks/generate.py                          # tiny preset, CPU, 64 tokens
     python benchmarks/generate.py --preset 350m --device cuda --compile     # 1024 tokens, bf16
 
-transformers must be importable (it is not a cm3 dependency): see `require_transformers`.
+transformers must be importable (it is not a cm3 dependency): see `hf_peer.require_transformers`.
 """
 
 from __future__ import annotations
@@ -19,59 +19,19 @@ from __future__ import annotations
 import os
 import sys
 
-# benchmarks/tokenize.py shadows the standard library's `tokenize` (which torch imports) when this folder is on
-# the import path, as it is for a script run from here: drop it before anything else is imported.
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
+# benchmarks/tokenize.py shadows the standard library's `tokenize` (which torch imports) while this folder is
+# first on the import path, as it is for a script run from here: move it last, where `hf_peer` is still found.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE] + [_HERE]
 
 import argparse  # noqa: E402
-import time  # noqa: E402
-from collections.abc import Callable  # noqa: E402
 
 import torch  # noqa: E402
+from hf_peer import best_seconds, opt_peer, require_transformers, vocabulary_for  # noqa: E402
 
 from cm3.model.config import CM3Config  # noqa: E402
 from cm3.model.decoder import CM3  # noqa: E402
 from cm3.model.generation import SamplingConfig, generate_image_tokens, image_prompt  # noqa: E402
-from cm3.tokenizers.vocabulary import Vocabulary  # noqa: E402
-
-# The demo's joint vocabulary (8192 BPE, 512 codes, 64 tokens/image) for tiny; the paper's (56,320 BPE,
-# 8192 codes, 1024 tokens/image) for the real presets.
-VOCABS = {"tiny": Vocabulary(text_vocab_size=8192, image_vocab_size=512)}
-PAPER_VOCAB = Vocabulary(text_vocab_size=56_320, image_vocab_size=8192)
-
-
-def require_transformers():
-    try:
-        import transformers
-    except ImportError:
-        sys.exit("transformers is not importable. Install it outside the project's venv, e.g.\n"
-                 "  .venv/bin/python -m venv /tmp/hfvenv && /tmp/hfvenv/bin/pip install transformers\n"
-                 "  echo \"import site; site.addsitedir('$PWD/.venv/lib/python3.11/site-packages')\" \\\n"
-                 "    > /tmp/hfvenv/lib/python3.11/site-packages/cm3_venv.pth\n"
-                 "then run this script with /tmp/hfvenv/bin/python.")
-    return transformers
-
-
-def seconds(fn: Callable[[], object], device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
-
-
-def best_seconds(contenders: dict[str, Callable[[], object]], repeats: int, device: torch.device) -> dict[str, float]:
-    """Fastest of `repeats` calls each, the contenders taking turns so that load on a shared machine hits both
-    alike; the first call of each is a warm-up and not counted."""
-    best = {name: float("inf") for name in contenders}
-    for turn in range(repeats + 1):
-        for name, fn in contenders.items():
-            elapsed = seconds(fn, device)
-            if turn:
-                best[name] = min(best[name], elapsed)
-    return best
 
 
 def build_ours(config: CM3Config, device: torch.device, dtype: torch.dtype) -> CM3:
@@ -80,17 +40,6 @@ def build_ours(config: CM3Config, device: torch.device, dtype: torch.dtype) -> C
         for weight in model.parameters():  # non-zero out-projections: a realistic (non-identity) network
             weight.normal_(0.0, 0.02)
     return model.to(device=device, dtype=dtype).eval()
-
-
-def build_hf(transformers, config: CM3Config, vocab: Vocabulary, device: torch.device, dtype: torch.dtype):
-    opt = transformers.OPTConfig(
-        vocab_size=config.vocab_size, hidden_size=config.d_model, num_hidden_layers=config.n_layers,
-        ffn_dim=config.mlp_hidden, num_attention_heads=config.n_heads, max_position_embeddings=config.max_seq_len,
-        do_layer_norm_before=True, enable_bias=False, layer_norm_elementwise_affine=False,
-        word_embed_proj_dim=config.d_model, dropout=0.0, attention_dropout=0.0, activation_function="relu",
-        pad_token_id=vocab.pad, bos_token_id=vocab.eod, eos_token_id=vocab.eod, tie_word_embeddings=True)
-    model = transformers.OPTForCausalLM._from_config(opt, attn_implementation="sdpa", dtype=dtype)
-    return model.to(device).eval()
 
 
 def main() -> None:
@@ -112,7 +61,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
-    vocab = VOCABS.get(args.preset, PAPER_VOCAB)
+    vocab = vocabulary_for(args.preset)
     tokens = args.tokens or (64 if args.preset == "tiny" else 1024)
     config = CM3Config.from_preset(args.preset, vocab_size=vocab.size)
     rows = 2 * args.images
@@ -128,7 +77,7 @@ def main() -> None:
     def run_ours():
         generate_image_tokens(step_model, vocab, prompts, tokens, sampling)
 
-    hf = build_hf(transformers, config, vocab, device, dtype)
+    hf = opt_peer(transformers, config, vocab, device, dtype).eval()
     input_ids = torch.randint(vocab.text_offset, vocab.image_offset, (rows, args.prompt_len), device=device)
 
     def run_hf():

@@ -33,7 +33,6 @@ import argparse
 import importlib.util
 import json
 import os
-import re
 import shutil
 import statistics
 import subprocess
@@ -50,7 +49,7 @@ if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
 import faiss  # noqa: E402
 import numpy as np  # noqa: E402
 
-from cm3.index.faiss_index import build_index, exact_search, recall_at_k  # noqa: E402
+from cm3.index.faiss_index import build_index, exact_search, parse_memory_size, recall_at_k  # noqa: E402
 
 INSTALL_HINT = ("autofaiss is not importable here. It needs numpy<2, so give it its own venv:\n"
                 "    python3 -m venv /tmp/autofaiss-venv\n"
@@ -58,7 +57,6 @@ INSTALL_HINT = ("autofaiss is not importable here. It needs numpy<2, so give it 
                 "and pass --autofaiss-python /tmp/autofaiss-venv/bin/python")
 DEFAULT_AUTOFAISS_PYTHON = "/tmp/autofaiss-venv/bin/python"
 LATENCY_QUERIES = 200
-UNITS = {"": 1, "B": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 
 # Runs inside the autofaiss interpreter: build, time the call, write the index and its search params.
 AUTOFAISS_WORKER = """
@@ -78,11 +76,10 @@ json.dump({"build_seconds": seconds, "index_key": infos["index_key"], "index_par
 
 
 def parse_bytes(text: str) -> int:
-    """'4GB', '4G', '4GiB', '512MiB', '123' -> bytes (binary units, as autofaiss reads them)."""
-    match = re.fullmatch(r"\s*([0-9.]+)\s*([KMGT]?)(?:I?B)?\s*", text.upper())
-    if not match:
-        raise argparse.ArgumentTypeError(f"not a memory size: {text!r} (e.g. 4GB, 512MiB, 1000000)")
-    return int(float(match.group(1)) * UNITS[match.group(2)])
+    try:
+        return parse_memory_size(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def clustered_vectors(n: int, dim: int, centres: np.ndarray, spread: float, rng: np.random.Generator,

@@ -11,7 +11,7 @@ Target: on the CPU, tiny preset, at least 1.0x HF. On a GPU it also prints MFU (
     /tmp/hfvenv/bin/python benchmarks/train.py                         # tiny, CPU, 4 x 256 tokens
     python benchmarks/train.py --preset 350m --batch 8 --seq-len 2048 --device cuda --compile
 
-transformers must be importable (it is not a cm3 dependency): see `require_transformers`.
+transformers must be importable (it is not a cm3 dependency): see `hf_peer.require_transformers`.
 """
 
 from __future__ import annotations
@@ -19,57 +19,21 @@ from __future__ import annotations
 import os
 import sys
 
-# benchmarks/tokenize.py shadows the standard library's `tokenize` (which torch imports) when this folder is on
-# the import path, as it is for a script run from here: drop it before anything else is imported.
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
+# benchmarks/tokenize.py shadows the standard library's `tokenize` (which torch imports) while this folder is
+# first on the import path, as it is for a script run from here: move it last, where `hf_peer` is still found.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE] + [_HERE]
 
 import argparse  # noqa: E402
-import time  # noqa: E402
-from collections.abc import Callable  # noqa: E402
 
 import torch  # noqa: E402
+from hf_peer import best_seconds, opt_peer, require_transformers, vocabulary_for  # noqa: E402
 
 from cm3.model.config import CM3Config  # noqa: E402
 from cm3.model.decoder import CM3  # noqa: E402
 from cm3.model.training import Batch, TokenKinds, build_optimizer, flops_per_token, peak_flops, train_step  # noqa: E402
-from cm3.tokenizers.vocabulary import Vocabulary  # noqa: E402
 
-# The demo's joint vocabulary for tiny (8192 BPE, 512 codes); the paper's for the real presets.
-VOCABS = {"tiny": Vocabulary(text_vocab_size=8192, image_vocab_size=512)}
-PAPER_VOCAB = Vocabulary(text_vocab_size=56_320, image_vocab_size=8192)
 CPU_TARGET = 1.0
-
-
-def require_transformers():
-    try:
-        import transformers
-    except ImportError:
-        sys.exit("transformers is not importable. Install it outside the project's venv, e.g.\n"
-                 "  .venv/bin/python -m venv /tmp/hfvenv && /tmp/hfvenv/bin/pip install transformers\n"
-                 "  echo \"import site; site.addsitedir('$PWD/.venv/lib/python3.11/site-packages')\" \\\n"
-                 "    > /tmp/hfvenv/lib/python3.11/site-packages/cm3_venv.pth\n"
-                 "then run this script with /tmp/hfvenv/bin/python.")
-    return transformers
-
-
-def hf_model(transformers, config: CM3Config, vocab: Vocabulary, device: torch.device):
-    opt = transformers.OPTConfig(
-        vocab_size=config.vocab_size, hidden_size=config.d_model, num_hidden_layers=config.n_layers,
-        ffn_dim=config.mlp_hidden, num_attention_heads=config.n_heads, max_position_embeddings=config.max_seq_len,
-        do_layer_norm_before=True, enable_bias=False, layer_norm_elementwise_affine=False,
-        word_embed_proj_dim=config.d_model, dropout=0.0, attention_dropout=0.0, activation_function="relu",
-        pad_token_id=vocab.pad, bos_token_id=vocab.eod, eos_token_id=vocab.eod, tie_word_embeddings=True)
-    return transformers.OPTForCausalLM._from_config(opt, attn_implementation="sdpa").to(device).train()
-
-
-def timed(fn: Callable[[], object], device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
 
 
 def main() -> None:
@@ -88,13 +52,13 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    vocab = VOCABS.get(args.preset, PAPER_VOCAB)
+    vocab = vocabulary_for(args.preset)
     config = CM3Config.from_preset(args.preset, vocab_size=vocab.size, max_seq_len=max(args.seq_len + 1, 8))
     autocast = torch.bfloat16 if device.type == "cuda" else None
     torch.manual_seed(0)
 
     ours = CM3(config).to(device)
-    peer = hf_model(transformers, config, vocab, device)
+    peer = opt_peer(transformers, config, vocab, device).train()
     ours_forward = torch.compile(ours) if args.compile else ours
     peer_forward = torch.compile(peer) if args.compile else peer
     ours_optimizer, peer_optimizer = build_optimizer(ours, config), build_optimizer(peer, config)
@@ -115,14 +79,7 @@ def main() -> None:
             peer_optimizer.step()
             peer_optimizer.zero_grad(set_to_none=True)
 
-    contenders = {"cm3 train_step": ours_steps, "HF OPTForCausalLM": peer_steps}
-    for fn in contenders.values():
-        fn()  # warm-up (and compilation)
-    best = {name: float("inf") for name in contenders}
-    for round_ in range(args.rounds):
-        order = list(contenders.items()) if round_ % 2 == 0 else list(contenders.items())[::-1]
-        for name, fn in order:
-            best[name] = min(best[name], timed(fn, device))
+    best = best_seconds({"cm3 train_step": ours_steps, "HF OPTForCausalLM": peer_steps}, args.rounds, device)
 
     tokens = args.steps * args.batch * args.seq_len
     rates = {name: tokens / s for name, s in best.items()}

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import sys
 import time
 import warnings
@@ -54,6 +55,14 @@ class IndexChoice:
     pq_bytes: int | None
     estimated_bytes: int
     reason: str
+
+
+def parse_memory_size(text: str) -> int:
+    """'512MB', '4GB', '4GiB', '1e9', '123' -> bytes, in binary units as autofaiss reads them."""
+    match = re.fullmatch(r"\s*([0-9.eE+]+)\s*([KMGT]?)(?:I?B)?\s*", text.upper())
+    if not match:
+        raise ValueError(f"{text!r} is not a memory size (e.g. 512MB, 4GB, 1000000)")
+    return int(float(match.group(1)) * 1024 ** " KMGT".index(match.group(2) or " "))
 
 
 def _pow2(x: float) -> int:

@@ -12,6 +12,7 @@ from cm3.index.faiss_index import (
     build_index,
     choose_index,
     exact_search,
+    parse_memory_size,
     recall_at_k,
 )
 
@@ -144,3 +145,11 @@ def test_recall_at_k_counts_overlap():
     exact = np.array([[1, 2, 3, 4], [5, 6, 7, -1]])
     approx = np.array([[4, 3, 9, 8], [5, 6, 7, 8]])
     assert recall_at_k(approx, exact) == pytest.approx(5 / 7)
+
+
+def test_memory_sizes_parse_in_binary_units_and_bad_ones_are_named() -> None:
+    assert parse_memory_size("4GB") == parse_memory_size("4GiB") == parse_memory_size("4g") == 4 * GiB
+    assert parse_memory_size("512MB") == 512 * 2**20
+    assert parse_memory_size("1e9") == parse_memory_size("1000000000") == 10**9
+    with pytest.raises(ValueError, match="'lots' is not a memory size"):
+        parse_memory_size("lots")

@@ -55,10 +55,10 @@ def json_summary(report: dict) -> str:
 
 
 def parse_bytes(text: str) -> int:
-    """'512MB', '4GB', '4GiB', '1e9' -> bytes (binary units)."""
-    import re
+    """--memory-budget as bytes, or exit 2 saying what a size looks like."""
+    from cm3.index.faiss_index import parse_memory_size
 
-    match = re.fullmatch(r"\s*([0-9.eE+]+)\s*([KMGT]?)(?:I?B)?\s*", text.upper())
-    if not match:
+    try:
+        return parse_memory_size(text)
+    except ValueError:
         fail(f"--memory-budget {text!r}: expected a size such as 512MB or 4GB")
-    return int(float(match.group(1)) * 1024 ** " KMGT".index(match.group(2) or " "))
