@@ -77,6 +77,8 @@ class TokenizeBatch:
 
         torch.set_num_threads(max(1, torch_threads))
         self.tokenizer = MultimodalTokenizer.load(tokenizer_dir, device=device)
+        if torch.device(device).type == "cuda":  # 3x the encode rate on an H200 (VQGAN.for_inference)
+            self.tokenizer.vq.for_inference(device, compile=True)
         self.device = device
         self.resolution = self.tokenizer.vq.config.resolution
         self.clip = None

@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# One prepared pass over every GPU figure the issues ask for, sized for a short lease of one GPU:
+# VQ-GAN encode/decode beside the CLIP image encoder (tokenize.py), training tokens/s and MFU against
+# HF OPT (train.py), image generation against HF generate() (generate.py), eager and compiled, bf16.
+# Each step has its own time limit, so one slow compile cannot eat the others; logs go to OUT_DIR.
+#
+#   benchmarks/gpu_check.sh OUT_DIR                       # on the GPU machine (python3 = its torch)
+#   MODEL=tiny VQ=demo benchmarks/gpu_check.sh /tmp/g     # a quick rehearsal of the script on a CPU
+#
+# The repository root is the `cm3` package: it is made importable through a symlink, so nothing needs
+# installing beyond torch (and transformers for the HF peer; open_clip for the CLIP row, skipped without).
+set -u
+out=${1:?usage: gpu_check.sh OUT_DIR}
+py=${PYTHON:-python3}
+model=${MODEL:-350m}
+vq=${VQ:-f8-8192}
+tokens=${TOKENS:-1024}
+seq=${SEQ:-2048}
+mkdir -p "$out"
+pkg=$(mktemp -d)
+ln -s "$(cd "$(dirname "$0")/.." && pwd)" "$pkg/cm3"
+export PYTHONPATH="$pkg${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+here=$(dirname "$0")
+
+step() {  # step NAME SECONDS COMMAND...: run with a limit, log to OUT_DIR/NAME.log, never stop the script
+    local name=$1 limit=$2
+    shift 2
+    echo "=== $name (limit ${limit}s): $*"
+    local start=$SECONDS
+    timeout "$limit" "$@" >"$out/$name.log" 2>&1
+    local rc=$?
+    tail -n 12 "$out/$name.log"
+    echo "=== $name: exit $rc after $((SECONDS - start)) s"
+}
+
+step env 30 bash -c "nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; \
+    $py -c 'import torch; print(torch.__version__, torch.cuda.is_available())'"
+step tokenize 60 "$py" "$here/tokenize.py" --preset "$vq" --batch-size 64 --batches 10 --json "$out/tokenize.json"
+step tokenize_b256 45 "$py" "$here/tokenize.py" --preset "$vq" --batch-size 256 --batches 4
+step train_eager 60 "$py" "$here/train.py" --preset "$model" --batch 8 --seq-len "$seq" --steps 3 --rounds 2
+step train_compiled 140 "$py" "$here/train.py" --preset "$model" --batch 8 --seq-len "$seq" --steps 5 --rounds 2 \
+    --compile
+step generate_eager 90 "$py" "$here/generate.py" --preset "$model" --tokens "$tokens" --images 16 --repeats 1
+step generate_compiled 110 "$py" "$here/generate.py" --preset "$model" --tokens "$tokens" --images 16 --repeats 1 \
+    --compile
