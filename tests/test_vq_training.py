@@ -186,3 +186,16 @@ def test_busiest_crop_keeps_the_shape_rather_than_the_background() -> None:
         return (batch[:, 1] < 0).flatten(1).any(1).float()
 
     assert has_shape(busiest).mean() > has_shape(plain).mean() + 0.3
+
+
+def test_fsq_tiny_run_learns_without_codebook_restarts(raw, tmp_path) -> None:
+    config = VQGANConfig(**{**TINY.to_dict(), "embed_dim": 3, "fsq_levels": (4, 4, 2), "patch_size": 2,
+                            "ch_mult": (1, 2)})
+    assert config.tokens_per_image == TINY.tokens_per_image  # 2x2 patches + one halving = TINY's three levels
+    report = train_vqgan(raw, tmp_path, config, steps=40, batch_size=4, lr=3e-3, heldout_fraction=0.25,
+                         progress=False, options=FAST)
+    losses = [h["rec_loss"] for h in report["history"]]
+    assert losses[-1] < 0.7 * losses[0], losses
+    assert report["dead_code_restarts"] == 0
+    assert report["train_codebook_usage"] >= 0.25, report["train_codebook_usage"]
+    assert VQGAN.from_pretrained(tmp_path / "checkpoint").config == config

@@ -91,7 +91,8 @@ def test_default_config_is_cm3leon_f8_with_1024_tokens() -> None:
     assert VQGANConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
     demo = VQGANConfig.preset("demo")
     assert demo.tokens_per_image == 64 and demo.resolution == 256
-    assert demo.l2_normalize and not cfg.l2_normalize  # cosine codebook only for the from-scratch demo
+    assert demo.fsq_levels and demo.patch_size == 4 and demo.n_embed == 1000  # FSQ and a patch stem: demo only
+    assert not cfg.fsq_levels and cfg.patch_size == 1  # the default is taming's layout exactly
     assert VQGANConfig.from_dict(demo.to_dict()) == demo
     with pytest.raises(ValueError, match="unknown preset"):
         VQGANConfig.preset("nope")
@@ -252,3 +253,59 @@ def test_compiled_inference_agrees_with_eager_and_keeps_taming_keys(tmp_path) ->
     assert set(model.state_dict()) == keys  # compiled callables are not submodules
     model.save_pretrained(tmp_path / "tok")
     assert torch.equal(VQGAN.from_pretrained(tmp_path / "tok").decode(eager_codes), eager_images)
+
+
+def test_patch_stem_runs_no_convolution_at_full_resolution() -> None:
+    torch.manual_seed(0)
+    config = VQGANConfig(ch=16, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), z_channels=8, embed_dim=8,
+                         n_embed=32, resolution=32, norm_groups=8, patch_size=4)
+    assert config.downsample_factor == 8 and config.grid_size == 4 and config.tokens_per_image == 16
+    model = VQGAN(config).eval()
+    state = model.state_dict()
+    assert state["encoder.conv_in.weight"].shape == (16, 3 * 16, 3, 3)  # 4x4 pixel patches as channels
+    assert state["decoder.conv_out.weight"].shape == (3 * 16, 16, 3, 3)
+    assert "encoder.down.1.attn.0.q.weight" in state  # attention at trunk resolution 4 (= 32 / 4 / 2)
+    seen = []
+    model.encoder.conv_in.register_forward_hook(lambda module, args, out: seen.append(tuple(args[0].shape)))
+    codes = model.encode(_images(2, 32))
+    assert seen == [(2, 48, 8, 8)]  # the first convolution already runs at a quarter of the resolution
+    assert codes.shape == (2, 4, 4)
+    assert model.decode(codes).shape == (2, 3, 32, 32)
+    with pytest.raises(ValueError, match="patch_size"):
+        VQGANConfig(patch_size=0)
+
+
+def test_fsq_numbers_every_grid_point_once_and_round_trips() -> None:
+    from cm3.tokenizers.vqgan import FiniteScalarQuantizer
+
+    quantizer = FiniteScalarQuantizer((8, 5, 3))
+    codes = quantizer.codes()
+    assert codes.shape == (120, 3) and len(codes.unique(dim=0)) == 120
+    assert codes.min() >= -1 and codes.max() <= 1
+    z = torch.randn(2, 3, 6, 6) * 3
+    z_q, loss, indices = quantizer(z.requires_grad_())
+    assert float(loss) == 0.0 and indices.min() >= 0 and indices.max() < 120
+    assert torch.equal(indices, quantizer.nearest(z))
+    assert torch.allclose(quantizer.lookup(indices), z_q)
+    assert torch.equal(quantizer.lookup(indices), codes[indices].permute(0, 3, 1, 2))
+    z_q.sum().backward()
+    assert z.grad is not None and z.grad.abs().sum() > 0  # straight-through gradient reaches the encoder
+    # a sweep of the latent reaches every level of every channel: (0,0,0), (1,1,1), ... up to each channel's top
+    sweep = quantizer.nearest(torch.linspace(-6, 6, 400).expand(3, 400)[None, :, :, None]).flatten()
+    for basis, levels in ((1, 8), (8, 5), (40, 3)):
+        assert set(((sweep // basis) % levels).tolist()) == set(range(levels))
+
+
+def test_fsq_config_is_checked_and_saved(tmp_path) -> None:
+    with pytest.raises(ValueError, match="fsq_levels"):
+        VQGANConfig(fsq_levels=(8, 8), n_embed=64, embed_dim=3)
+    config = VQGANConfig(ch=16, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(), z_channels=8, embed_dim=3,
+                         n_embed=512, resolution=16, norm_groups=8, fsq_levels=(8, 8, 8))
+    torch.manual_seed(0)
+    model = VQGAN(config).eval()
+    assert not any("quantize" in key for key in model.state_dict())  # FSQ has no parameters
+    images = _images(2, 16)
+    model.save_pretrained(tmp_path / "fsq")
+    again = VQGAN.from_pretrained(tmp_path / "fsq")
+    assert again.config == config and again.config.fsq_levels == (8, 8, 8)
+    assert torch.equal(again.encode(images), model.encode(images))

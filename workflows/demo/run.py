@@ -116,7 +116,7 @@ def tokenizer_stage(workdir: Path, raw: Path, size: DemoSize) -> Path:
         return folder
     print(f"[tokenizer] training the VQ-GAN (demo preset, {size.vq_seconds:.0f} s budget)", flush=True)
     report = train_vqgan(raw, workdir / "vq", VQGANConfig.preset("demo"), seconds_budget=size.vq_seconds,
-                         batch_size=8, lr=2e-4, options=demo_training_options())  # one thread: CLIP has the other
+                         batch_size=4, lr=2e-4, options=demo_training_options())  # one thread: CLIP has the other
     print(f"[tokenizer] VQ-GAN held-out PSNR {report['heldout_psnr_db']:.2f} dB after {report['steps']} steps",
           flush=True)
     text = train_from_shards(raw, size.vocab_size)
