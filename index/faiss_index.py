@@ -41,6 +41,8 @@ QUERY_NOISE = 0.1  # tuning queries = data vectors + noise of this norm relative
 PLATEAU = 0.001  # a doubling of the knob that gains less recall than this: target unreachable
 TUNE_MARGIN = 0.005  # aim this far above the target: recall on a few hundred queries is itself noisy
 BISECT_TOLERANCE = 1 / 16  # stop bisecting the knob within ~6% of the smallest value reaching the target
+# A tuned IVF that probes this share of its lists scans as much as exact search, without BLAS: keep exact.
+EXACT_SCAN_FRACTION = 0.5
 KMEANS_ITERATIONS = 10  # faiss's default 25 costs 2.5x the training time for ~no recall at a tuned nprobe
 
 
@@ -352,7 +354,10 @@ def build_index(
     ``ids`` (int64, unique) are what ``search`` returns; row numbers when None. IVF indexes train on
     a random sample of ``train_sample`` vectors (default 50 per list). The search knob is then tuned
     to the smallest value reaching ``recall_target`` recall@k against exact search on
-    ``tune_queries`` noisy data vectors; the measured recall and queries/s are kept in ``info``.
+    ``tune_queries`` noisy data vectors; the measured recall and queries/s are kept in ``info``. When the
+    index was chosen here (``choice`` is None) and exact search turns out faster than the tuned index on those
+    queries (evenly spread vectors, where reaching the recall target means scanning much of the data), the
+    exact index is kept instead, with the measurements in its ``reason``.
     """
     start = time.perf_counter()
     vectors = _as_matrix(vectors, "vectors")
@@ -365,6 +370,7 @@ def build_index(
     ids = ids.astype(np.int64, copy=False)
     if len(np.unique(ids)) != n:
         raise ValueError("ids must be unique")
+    chosen_by_us = choice is None
     choice = choice or choose_index(n, dim, memory_budget_bytes)
     say = (lambda msg: print(msg, file=sys.stderr, flush=True)) if progress else (lambda msg: None)
     _set_threads(threads)
@@ -390,10 +396,27 @@ def build_index(
     trained_seconds = time.perf_counter() - start
 
     queries = _tuning_queries(vectors, tune_queries, rng)
-    exact_ids = exact_search(vectors, queries, k)[1]
+    flat = faiss.IndexFlatIP(dim)  # exact search: the tuning's ground truth, and a contender
+    flat.add(vectors)
+    flat_seconds = time.perf_counter()
+    exact_ids = flat.search(queries, k)[1]
+    flat_seconds = time.perf_counter() - flat_seconds
     params, recall = _tune(index, choice, queries, exact_ids, k, recall_target, say)
     _apply(index, params)
     qps = _queries_per_second(index, queries, k)
+    flat_qps = len(queries) / flat_seconds
+    if chosen_by_us and choice.kind != "flat" and n * (4 * dim + ID_BYTES) <= memory_budget_bytes:
+        scanned = params.get("nprobe", 0) / choice.nlist if choice.nlist else 0.0
+        faster = flat_qps > qps and _queries_per_second(flat, queries, k, repeats=1) > qps  # twice: no fluke
+        if scanned >= EXACT_SCAN_FRACTION or faster:
+            say(f"exact search: {flat_qps:.0f} queries/s against {qps:.0f} for {choice.factory} with {params}"
+                f" (recall {recall:.4f}): keeping exact search")
+            choice = IndexChoice("Flat", "flat", None, None, None, n * (4 * dim + ID_BYTES),
+                                 f"{choice.factory} needed {params} for recall@{k} {recall:.4f} and answered {qps:.0f}"
+                                 f" queries/s; exact (BLAS) search answered {flat_qps:.0f} at recall 1: the vectors"
+                                 f" are too evenly spread for an approximate index to pay off")
+            index, params, recall, qps = flat, {}, 1.0, flat_qps
+    del flat
     info = {
         "choice": asdict(choice), "factory": choice.factory, "kind": choice.kind, "dim": dim, "n": n,
         "metric": "inner_product", "search_params": params, "k": k, "recall_target": recall_target,

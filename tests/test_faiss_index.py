@@ -67,7 +67,9 @@ def random_100k():
 @pytest.fixture(scope="module")
 def built_100k(random_100k):
     ids = np.arange(len(random_100k), dtype=np.int64) * 7 + 1_000_000  # user ids != row numbers
-    return build_index(random_100k, ids=ids, tune_queries=300, metadata={"clip_model": "ViT-B-32"})
+    # the choice is given, so the IVF is kept even if exact search happened to answer faster
+    return build_index(random_100k, ids=ids, choice=choose_index(*random_100k.shape), tune_queries=300,
+                       metadata={"clip_model": "ViT-B-32"})
 
 
 def test_tuned_recall_at_10_on_100k_random_vectors(random_100k, built_100k):
@@ -110,7 +112,7 @@ def test_user_ids_and_padding_on_a_small_flat_index():
 
 def test_hnsw_index_is_tuned_and_saved(tmp_path):
     vectors = unit_vectors(3_000, 32)
-    index = build_index(vectors)
+    index = build_index(vectors, choice=choose_index(*vectors.shape))
     assert index.info["kind"] == "hnsw" and "efSearch" in index.info["search_params"]
     index.save(tmp_path)
     loaded = VectorIndex.load(tmp_path)
@@ -153,3 +155,14 @@ def test_memory_sizes_parse_in_binary_units_and_bad_ones_are_named() -> None:
     assert parse_memory_size("1e9") == parse_memory_size("1000000000") == 10**9
     with pytest.raises(ValueError, match="'lots' is not a memory size"):
         parse_memory_size("lots")
+
+
+def test_exact_search_is_kept_when_it_beats_the_tuned_index_on_evenly_spread_vectors():
+    """Uniform vectors in 256-d: IVF must probe most of its lists for recall 0.99, as much work as exact search."""
+    vectors = unit_vectors(20_000, 256)
+    assert choose_index(*vectors.shape).kind == "ivf_flat"
+    index = build_index(vectors, tune_queries=200, recall_target=0.99)
+    assert index.info["kind"] == "flat" and index.info["recall_at_k"] == 1.0
+    assert "exact (BLAS) search answered" in index.info["choice"]["reason"]
+    assert index.info["search_params"] == {}
+    np.testing.assert_array_equal(index.search(vectors[:5], 1)[1][:, 0], np.arange(5))
