@@ -140,8 +140,8 @@ PRESETS: dict[str, VQGANConfig] = {
     # For the embedded CPU demo: 256x256 -> 8x8 = 64 tokens from 1000 codes (a coarser preset of the same code;
     # the 1024-token f8 default is what the tests exercise). 4x4 pixel patches folded into channels (no conv at
     # full resolution), a 64 -> 8 trunk, FSQ levels (8, 5, 5, 5): 3.2M parameters. Held-out PSNR after 600 s on
-    # one core of the 2-core CPU machine (batch 4): 26.5 dB, vs 18.6 dB for the earlier taming-layout preset
-    # (ch 16, six levels, cosine codebook of 512), whose codebook plateaued; see the tokenizer README.
+    # the 2-core CPU machine (batch 4): 26.4 dB, vs 18.6 dB for the earlier taming-layout preset (ch 16, six
+    # levels, a cosine codebook of 512 whose reconstructions plateaued within minutes).
     "demo": VQGANConfig(ch=32, ch_mult=(1, 2, 2, 4), num_res_blocks=1, attn_resolutions=(), z_channels=64,
                         embed_dim=4, n_embed=1000, norm_groups=8, patch_size=4, fsq_levels=(8, 5, 5, 5)),
 }

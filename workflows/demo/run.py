@@ -340,7 +340,8 @@ def run_demo(workdir: Path, size: DemoSize = DemoSize(), fresh: bool = False, ra
         pending_clip = start_clip_stage(workdir, raw, size)
         tokenizer = tokenizer_stage(workdir, raw, size)
         metrics["tokenizer"] = {**_info(tokenizer)["vq"], "preset": "demo (8x8 = 64 tokens per image)",
-                                "command": f"cm3 tokenizer train-vq --data {raw} --out {workdir / 'vq'} --preset demo"}
+                                "command": f"cm3 tokenizer train-vq --data {raw} --out {workdir / 'vq'} --preset demo"
+                                           f" --seconds {size.vq_seconds:.0f} --batch-size 4 --threads 1"}
         clip = finish_clip_stage(workdir, pending_clip)
         tokens = tokenize_stage(workdir, raw, tokenizer, clip)
         index, augmented = index_stage(workdir, tokens)
