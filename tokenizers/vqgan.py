@@ -372,9 +372,9 @@ class FiniteScalarQuantizer(nn.Module):
         offset = (self.levels % 2 == 0).to(z.dtype) * 0.5
         return torch.tanh(z + torch.atanh(offset / half)) * half - offset
 
-    def _digits(self, z: torch.Tensor) -> torch.Tensor:
-        """z [B, D, H, W] -> integer digits [B, H, W, D] in [0, L)."""
-        return torch.round(self._bound(z.float().permute(0, 2, 3, 1))).long() + self.levels // 2
+    def _digits(self, bounded: torch.Tensor) -> torch.Tensor:
+        """Bounded channels-last latents [..., D] -> integer digits [..., D] in [0, L)."""
+        return torch.round(bounded).long() + self.levels // 2
 
     def _values(self, digits: torch.Tensor) -> torch.Tensor:
         """Digits [..., D] -> code values in [-1, 1]."""
@@ -386,7 +386,7 @@ class FiniteScalarQuantizer(nn.Module):
         return self._values((indices[:, None] // self.basis) % self.levels)
 
     def nearest(self, z: torch.Tensor) -> torch.Tensor:
-        return (self._digits(z) * self.basis).sum(-1)
+        return (self._digits(self._bound(z.float().permute(0, 2, 3, 1))) * self.basis).sum(-1)
 
     def lookup(self, indices: torch.Tensor) -> torch.Tensor:
         digits = (indices[..., None] // self.basis) % self.levels
@@ -397,7 +397,7 @@ class FiniteScalarQuantizer(nn.Module):
         rounded = bounded + (torch.round(bounded) - bounded).detach()  # straight-through
         half = (self.levels // 2).to(torch.float32)
         z_q = (rounded / half).permute(0, 3, 1, 2).contiguous()
-        indices = ((torch.round(bounded).long() + self.levels // 2) * self.basis).sum(-1)
+        indices = (self._digits(bounded) * self.basis).sum(-1)
         return z_q, z.new_zeros((), dtype=torch.float32), indices
 
 

@@ -18,7 +18,7 @@ def tokenizer_train_vq(
     seconds: Optional[float] = typer.Option(None, help="Wall-clock training budget in seconds."),
     batch_size: int = typer.Option(8, min=1, help="Images per step (the demo preset learns fastest with 4)."),
     lr: float = typer.Option(2e-4, help="Learning rate (Adam, betas 0.5/0.9 as taming)."),
-    threads: Optional[int] = typer.Option(None, min=1, help="torch CPU threads (default: every CPU we may use)."),
+    threads: Optional[int] = typer.Option(None, min=1, help="torch CPU threads (default: torch's, one per core)."),
     lpips_weights: Optional[Path] = typer.Option(None, help="Local LPIPS weights file: adds the perceptual loss."),
     resume: bool = typer.Option(True, help="Continue from OUT/checkpoint when it exists."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
@@ -31,7 +31,6 @@ def tokenizer_train_vq(
 
       cm3 tokenizer train-vq --data runs/demo/raw --out vq/ --preset demo --seconds 600 --batch-size 4
     """
-    import os
     from dataclasses import replace
 
     from cm3.tokenizers.vq_training import TrainOptions, demo_training_options, train_vqgan
@@ -42,8 +41,7 @@ def tokenizer_train_vq(
         if lpips_weights is not None and not lpips_weights.is_file():
             raise ValueError(f"{lpips_weights}: no such LPIPS weights file")
         options = demo_training_options() if preset == "demo" else TrainOptions()
-        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        options = replace(options, num_threads=threads or cpus)
+        options = replace(options, num_threads=threads)  # None: torch's default, one thread per core
         report = train_vqgan(data, out, config, steps=steps, batch_size=batch_size, lr=lr, seconds_budget=seconds,
                              lpips_weights=lpips_weights, resume=resume, progress=progress, options=options)
     except (ValueError, FileNotFoundError) as err:

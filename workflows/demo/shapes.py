@@ -81,17 +81,21 @@ class ShapeSpec:
 
     @property
     def caption(self) -> str:
-        where = "in the center" if self.position == "center" else f"at the {self.position}"
-        return f"a {self.size} {self.colour} {self.shape} {where} on a {self.background} background"
+        """All five attributes: what prompts and instruction tasks use."""
+        return self.describe(DETAILS)
 
     @property
     def alt_text(self) -> str:
         """The caption the served URL list carries: colour and shape always, ``details`` only."""
-        size = f"{self.size} " if "size" in self.details else ""
+        return self.describe(self.details)
+
+    def describe(self, details: tuple[str, ...]) -> str:
+        """Colour and shape, plus those of size, position and background that ``details`` names."""
+        size = f"{self.size} " if "size" in details else ""
         where = ""
-        if "position" in self.details:
+        if "position" in details:
             where = " in the center" if self.position == "center" else f" at the {self.position}"
-        background = f" on a {self.background} background" if "background" in self.details else ""
+        background = f" on a {self.background} background" if "background" in details else ""
         return f"a {size}{self.colour} {self.shape}{where}{background}"
 
     @property
