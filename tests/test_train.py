@@ -121,6 +121,7 @@ def test_pretrain_lowers_loss_and_exports_a_checkpoint(pretrained, vocab):
     first, last = first_last(records)
     assert last < 0.8 * first, (first, last)
     assert all(r["text_loss"] > 0 and r["image_loss"] > 0 and r["tokens_per_s"] > 0 for r in records)
+    assert {r["threads"] for r in records} == {1}  # Ray's default for a worker holding half a CPU
     model, tokenizer = load_checkpoint(pretrained.checkpoint)
     assert model.config.vocab_size == vocab.size and model.config.n_layers == 2
     assert pretrained.loss_curve.stat().st_size > 0
@@ -132,9 +133,12 @@ def test_sft_from_the_pretrain_run_lowers_loss(pretrained, vocab, tmp_path):
     from cm3.workflows.train import run_training
 
     shards = write_sft_shards(tmp_path / "sft", vocab)
-    result = run_training(options("sft", shards, tmp_path / "runs", init=pretrained.run_dir, steps=16))
-    first, last = first_last(read_metrics(result.metrics))
+    result = run_training(options("sft", shards, tmp_path / "runs", init=pretrained.run_dir, steps=16,
+                                  threads_per_worker=2))
+    records = read_metrics(result.metrics)
+    first, last = first_last(records)
     assert last < 0.8 * first, (first, last)
+    assert {r["threads"] for r in records} == {2}  # asked for, although the worker holds half a CPU
     assert (result.checkpoint / "checkpoint.json").is_file()
 
 

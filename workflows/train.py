@@ -63,6 +63,10 @@ class TrainOptions:
     seed: int = 0
     num_workers: int = 1
     cpus_per_worker: float = 1.0
+    # torch threads per worker; None leaves Ray's default (one per whole CPU the worker holds). Ray only hands out
+    # whole CPUs above one, so a worker that should use both cores of a 2-core box while Ray Data reads holds 1 CPU
+    # and asks for 2 threads here.
+    threads_per_worker: Optional[int] = None
     use_gpu: Optional[bool] = None  # default: when the cluster has GPUs
     compile: bool = False
     activation_checkpointing: bool = False
@@ -179,6 +183,7 @@ class Plan:
     init: Optional[str]
     compile: bool
     activation_checkpointing: bool
+    threads: Optional[int]
     checkpoint_every: int
     log_every: int
     fail_at_step: Optional[int]
@@ -226,6 +231,8 @@ def plan_run(options: TrainOptions):
         raise ValueError(f"--seq-len {seq_len} exceeds the model's max_seq_len {config.max_seq_len}")
     sequences = SequenceConfig(seq_len=seq_len, retrieved_min=options.retrieved_min,
                                retrieved_max=options.retrieved_max, image_first=options.image_first, cm3=options.cm3)
+    if options.threads_per_worker is not None and options.threads_per_worker < 1:
+        raise ValueError(f"threads_per_worker must be >= 1, got {options.threads_per_worker}")
     for name in ("batch_size", "num_workers", "checkpoint_every", "keep", "log_every"):
         if getattr(options, name) < 1:
             raise ValueError(f"{name} must be >= 1, got {getattr(options, name)}")
@@ -237,7 +244,8 @@ def plan_run(options: TrainOptions):
         accumulation=grad_accumulation(config.batch_tokens, options.batch_size, seq_len, options.num_workers),
         seed=options.seed, run_dir=str(options.run_dir), run_name=options.run_name,
         init=str(init) if init is not None else None, compile=options.compile,
-        activation_checkpointing=options.activation_checkpointing, checkpoint_every=options.checkpoint_every,
+        activation_checkpointing=options.activation_checkpointing, threads=options.threads_per_worker,
+        checkpoint_every=options.checkpoint_every,
         log_every=options.log_every, fail_at_step=int(fail_at) if fail_at else None,
     )
     return plan, tokenizer, paths, columns
@@ -341,6 +349,8 @@ def train_loop(loop_config: dict) -> None:
     from cm3.tokenizers.vocabulary import Vocabulary
 
     plan = Plan(**loop_config)
+    if plan.threads is not None:
+        torch.set_num_threads(plan.threads)
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
@@ -411,7 +421,7 @@ def train_loop(loop_config: dict) -> None:
                   "image_loss": stats.image_loss, "lr": lr, "grad_norm": stats.grad_norm,
                   "tokens_per_s": tokens_per_s, "mfu": flops * tokens_per_s / (peak * world) if peak else None,
                   "tokens_seen": state.tokens_seen, "epoch": position.epoch, "start_step": start_step,
-                  "world_size": stats.workers,
+                  "world_size": stats.workers, "threads": torch.get_num_threads(),
                   "time": time.time()}
         if rank == 0:
             log.write(record)
@@ -539,6 +549,7 @@ def train_command(
     seed: int = typer.Option(0, help="Initialisation and data seed."),
     num_workers: int = typer.Option(1, min=1, help="Ray Train workers (one GPU each when the cluster has GPUs)."),
     cpus_per_worker: float = typer.Option(1.0, min=0.01, help="CPUs per worker (leave some for Ray Data)."),
+    threads_per_worker: Optional[int] = typer.Option(None, min=1, help="torch threads per worker (default: Ray's, one per CPU held)."),
     gpu: Optional[bool] = typer.Option(None, "--gpu/--cpu", help="Force GPU or CPU workers (default: GPU if any)."),
     compile_model: bool = typer.Option(False, "--compile", help="torch.compile the model."),
     activation_checkpointing: bool = typer.Option(False, "--activation-checkpointing", help="Recompute blocks in backward."),
@@ -564,7 +575,7 @@ def train_command(
             preset=preset, model_overrides=_parse_overrides(set_), seq_len=seq_len, batch_size=batch_size,
             batch_tokens=batch_tokens, steps=steps, lr=lr, warmup_steps=warmup_steps, retrieved_min=retrieved_min,
             retrieved_max=retrieved_max, cm3=cm3, seed=seed, num_workers=num_workers,
-            cpus_per_worker=cpus_per_worker, use_gpu=gpu, compile=compile_model,
+            cpus_per_worker=cpus_per_worker, threads_per_worker=threads_per_worker, use_gpu=gpu, compile=compile_model,
             activation_checkpointing=activation_checkpointing, checkpoint_every=checkpoint_every, keep=keep,
             max_failures=max_failures, log_every=log_every, ray_address=ray_address,
         )
