@@ -71,6 +71,7 @@ def test_demo_end_to_end_at_reduced_size(tmp_path):
     assert fraction(metrics["retrieval"]["neighbour_colour_and_shape_agreement"])
     for key in ("colour_accuracy", "shape_accuracy"):
         assert fraction(metrics["text_to_image"][key])
+        assert fraction(metrics["text_to_image"]["checker_on_vq_reconstructions"][key])
         assert all(fraction(result[key]) for result in metrics["ablations"].values())
     assert len(metrics["ablations"]) == 4
     assert fraction(metrics["image_to_text"]["colour_and_shape_named"])

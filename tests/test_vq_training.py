@@ -199,3 +199,28 @@ def test_fsq_tiny_run_learns_without_codebook_restarts(raw, tmp_path) -> None:
     assert report["dead_code_restarts"] == 0
     assert report["train_codebook_usage"] >= 0.25, report["train_codebook_usage"]
     assert VQGAN.from_pretrained(tmp_path / "checkpoint").config == config
+
+
+def test_ema_weights_are_saved_and_evaluated_and_resume_keeps_both(raw, tmp_path) -> None:
+    options = TrainOptions(**{**FAST.__dict__, "ema_decay": 0.9, "checkpoint_every": 100})
+    run = dict(batch_size=2, lr=3e-3, heldout_fraction=0.25, progress=False)
+    first = train_vqgan(raw, tmp_path, TINY, steps=8, options=options, **run)
+    saved = VQGAN.from_pretrained(tmp_path / "checkpoint")
+    raw_weights = torch.load(tmp_path / "checkpoint" / "training_state.pt", weights_only=True)["raw_model"]
+    assert any(not torch.equal(saved.state_dict()[k], raw_weights[k]) for k in raw_weights)  # average != raw
+    keys, images = load_images(raw, SIZE)
+    held = torch.tensor([is_heldout(k, 0.25) for k in keys])
+    assert held.any()
+    assert evaluate(saved.eval(), images[held])["psnr"] == pytest.approx(first["heldout_psnr_db"], abs=1e-4)
+
+    second = train_vqgan(raw, tmp_path, TINY, steps=10, options=options, **run)
+    assert second["resumed_from_step"] == 8
+    resumed = torch.load(tmp_path / "checkpoint" / "training_state.pt", weights_only=True)["raw_model"]
+    assert any(not torch.equal(resumed[k], raw_weights[k]) for k in raw_weights)  # training went on from the raw ones
+
+    train_vqgan(raw, tmp_path / "plain", TINY, steps=2, options=FAST, **run)
+    with pytest.raises(ValueError, match="without ema_decay"):
+        train_vqgan(raw, tmp_path / "plain", TINY, steps=4, options=options, **run)
+    with pytest.raises(ValueError, match="ema_decay must be in"):
+        train_vqgan(raw, tmp_path / "bad", TINY, steps=2, options=TrainOptions(**{**FAST.__dict__, "ema_decay": 1.0}),
+                    **run)

@@ -309,3 +309,28 @@ def test_fsq_config_is_checked_and_saved(tmp_path) -> None:
     again = VQGAN.from_pretrained(tmp_path / "fsq")
     assert again.config == config and again.config.fsq_levels == (8, 8, 8)
     assert torch.equal(again.encode(images), model.encode(images))
+
+
+def test_channel_norm_keeps_the_keys_and_makes_codes_depend_only_on_their_neighbourhood() -> None:
+    group = VQGANConfig(ch=16, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(), z_channels=8, embed_dim=8,
+                        n_embed=32, resolution=64, norm_groups=8)
+    channel = VQGANConfig(**{**group.to_dict(), "norm": "channel"})
+    assert (group.groups, channel.groups) == (8, 0)
+    shapes = {k: v.shape for k, v in VQGAN(group).state_dict().items()}
+    assert {k: v.shape for k, v in VQGAN(channel).state_dict().items()} == shapes  # same weights file layout
+
+    images = _images(1, 64)
+    changed = images.clone()
+    changed[..., 48:, 48:] = -changed[..., 48:, 48:]  # repaint the bottom-right corner only
+    for config, local in ((channel, True), (group, False)):
+        torch.manual_seed(0)
+        model = VQGAN(config).eval()
+        seen = []
+        model.encoder.down[1].block[0].register_forward_hook(lambda module, args, out: seen.append(out[..., :8, :8]))
+        with torch.no_grad():
+            model.encode(images), model.encode(changed)
+        # the convolutions' receptive field at the top left ends far from the corner: only GroupNorm's image-wide
+        # statistics carry the change there (the mid block's attention, taming's layout, is global in both)
+        assert torch.equal(*seen) == local
+    with pytest.raises(ValueError, match="norm must be one of"):
+        VQGANConfig(norm="batch")

@@ -55,6 +55,9 @@ class TrainOptions:
     # that are mostly flat (the demo's shapes, product photos) plain random crops are mostly background.
     crop_candidates: int = 1
     warmup_steps: int = 5
+    # Exponential moving average of the weights (decay per step, warmed up as min(decay, (1 + t) / (10 + t))):
+    # the checkpoint and the report then hold the averaged weights, the training state the raw ones. None = off.
+    ema_decay: float | None = None
     min_lr_fraction: float = 0.05  # cosine decay, over max(step, time) progress, down to this
     checkpoint_every: int = 200
     log_every: int = 25
@@ -328,6 +331,24 @@ def find_checkpoint(out_dir: Path) -> Path | None:
 # --- training -----------------------------------------------------------------------------------
 
 
+class WeightAverage:
+    """An exponential moving average of a model's weights, kept in a second copy of the model."""
+
+    def __init__(self, model: VQGAN, decay: float):
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"ema_decay must be in (0, 1), got {decay}")
+        self.decay = decay
+        self.model = VQGAN(model.config).to(memory_format=torch.channels_last)
+        self.model.load_state_dict(model.state_dict())
+        self.model.requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: VQGAN, step: int) -> None:
+        decay = min(self.decay, (1 + step) / (10 + step))
+        for averaged, current in zip(self.model.parameters(), model.parameters()):
+            averaged.lerp_(current, 1.0 - decay)
+
+
 def _lr_factor(step: int, progress: float, options: TrainOptions) -> float:
     warm = min(1.0, (step + 1) / max(1, options.warmup_steps))
     cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
@@ -405,6 +426,7 @@ def _train(data: str | os.PathLike[str], out: Path, config: VQGANConfig, steps: 
         raise ValueError("every image fell into the held-out split; lower heldout_fraction")
 
     model = VQGAN(config).to(memory_format=torch.channels_last)
+    ema = WeightAverage(model, options.ema_decay) if options.ema_decay is not None else None
     disc = PatchDiscriminator(config.out_ch, options.disc_channels, options.disc_layers)
     opt = torch.optim.Adam(model.parameters(), lr=lr, betas=(0.5, 0.9))
     disc_opt = torch.optim.Adam(disc.parameters(), lr=lr * options.disc_lr_scale, betas=(0.5, 0.9))
@@ -415,8 +437,12 @@ def _train(data: str | os.PathLike[str], out: Path, config: VQGANConfig, steps: 
         loaded = VQGAN.from_pretrained(checkpoint)
         if loaded.config != config:
             raise ValueError(f"{checkpoint} was trained with a different config; use another out_dir or resume=False")
-        model.load_state_dict(loaded.state_dict())
         state = torch.load(checkpoint / STATE_TENSORS, map_location="cpu", weights_only=True)
+        if ema is not None and "raw_model" not in state:
+            raise ValueError(f"{checkpoint} was trained without ema_decay; use another out_dir or resume=False")
+        model.load_state_dict(state.get("raw_model", loaded.state_dict()))  # with EMA the saved model is the average
+        if ema is not None:
+            ema.model.load_state_dict(loaded.state_dict())
         opt.load_state_dict(state["optimizer"])
         disc.load_state_dict(state["discriminator"])
         disc_opt.load_state_dict(state["disc_optimizer"])
@@ -430,7 +456,10 @@ def _train(data: str | os.PathLike[str], out: Path, config: VQGANConfig, steps: 
         state = {"optimizer": opt.state_dict(), "discriminator": disc.state_dict(),
                  "disc_optimizer": disc_opt.state_dict(), "last_used": tracker.last_used,
                  "generator": generator.get_state()}
-        save_checkpoint(out, model, state, {"step": step, "seconds": elapsed(), "config": config.to_dict()})
+        if ema is not None:
+            state["raw_model"] = model.state_dict()
+        save_checkpoint(out, ema.model if ema is not None else model, state,
+                        {"step": step, "seconds": elapsed(), "config": config.to_dict()})
 
     def elapsed() -> float:
         return elapsed_before + time.perf_counter() - started
@@ -464,6 +493,8 @@ def _train(data: str | os.PathLike[str], out: Path, config: VQGANConfig, steps: 
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        if ema is not None:
+            ema.update(model, step)
         if gan_on:
             d_loss = hinge_d_loss(disc(x), disc(recon.detach()))
             disc_opt.zero_grad(set_to_none=True)
@@ -490,6 +521,7 @@ def _train(data: str | os.PathLike[str], out: Path, config: VQGANConfig, steps: 
     if step > start_step or checkpoint is None:
         checkpoint_now()
 
+    model = ema.model if ema is not None else model
     model.eval()
     eval_images = heldout_images if len(heldout_images) else train_images[:8]
     metrics = evaluate(model, eval_images, options.eval_batch_size)

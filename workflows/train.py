@@ -549,7 +549,7 @@ def train_command(
     seed: int = typer.Option(0, help="Initialisation and data seed."),
     num_workers: int = typer.Option(1, min=1, help="Ray Train workers (one GPU each when the cluster has GPUs)."),
     cpus_per_worker: float = typer.Option(1.0, min=0.01, help="CPUs per worker (leave some for Ray Data)."),
-    threads_per_worker: Optional[int] = typer.Option(None, min=1, help="torch threads per worker (default: Ray's, one per CPU held)."),
+    threads_per_worker: Optional[int] = typer.Option(None, min=1, help="torch threads per worker (default: one per CPU)."),
     gpu: Optional[bool] = typer.Option(None, "--gpu/--cpu", help="Force GPU or CPU workers (default: GPU if any)."),
     compile_model: bool = typer.Option(False, "--compile", help="torch.compile the model."),
     activation_checkpointing: bool = typer.Option(False, "--activation-checkpointing", help="Recompute blocks in backward."),

@@ -20,6 +20,7 @@ def tokenizer_train_vq(
     lr: float = typer.Option(2e-4, help="Learning rate (Adam, betas 0.5/0.9 as taming)."),
     threads: Optional[int] = typer.Option(None, min=1, help="torch CPU threads (default: torch's, one per core)."),
     lpips_weights: Optional[Path] = typer.Option(None, help="Local LPIPS weights file: adds the perceptual loss."),
+    ema_decay: Optional[float] = typer.Option(None, help="Save and evaluate an EMA of the weights (e.g. 0.999)."),
     resume: bool = typer.Option(True, help="Continue from OUT/checkpoint when it exists."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
 ) -> None:
@@ -41,7 +42,7 @@ def tokenizer_train_vq(
         if lpips_weights is not None and not lpips_weights.is_file():
             raise ValueError(f"{lpips_weights}: no such LPIPS weights file")
         options = demo_training_options() if preset == "demo" else TrainOptions()
-        options = replace(options, num_threads=threads)  # None: torch's default, one thread per core
+        options = replace(options, num_threads=threads, ema_decay=ema_decay)  # threads None: one per core
         report = train_vqgan(data, out, config, steps=steps, batch_size=batch_size, lr=lr, seconds_budget=seconds,
                              lpips_weights=lpips_weights, resume=resume, progress=progress, options=options)
     except (ValueError, FileNotFoundError) as err:
