@@ -255,20 +255,21 @@ def evaluate_stage(workdir: Path, checkpoint: Path, index: Path, augmented: Path
             image_grid([to_pil(x) for x in images], [s.caption for s in asked], cols=4).save(
                 report / "generations.png")
 
-    held_out_images = evaluate.spec_images(specs, tokenizer.vq.config.resolution)
+    # Held-out images: the prompts' own first, then more for the checker's reading of VQ reconstructions below.
+    many = specs + [spec_for(i, seed=0, split="heldout") for i in range(len(specs), 48)]
+    many_images = evaluate.spec_images(many, tokenizer.vq.config.resolution)
+    held_out_images = many_images[: len(specs)]
     captions = caption_image(model, tokenizer, held_out_images, question=TEMPLATES["captioning"][0])
     image_grid([to_pil(x) for x in held_out_images], captions, cols=4).save(report / "captions.png")
     captioning = evaluate.caption_accuracy(captions, specs)
 
-    reconstructions = tokenizer.decode_image(tokenizer.encode_image(held_out_images))
     # The checker's reading of the tokenizer's own reconstructions of held-out images: what a decoder that
     # reproduced the true codes would score. It tells the VQ-GAN's share of a text->image error from the LM's.
-    many = [spec_for(i, seed=0, split="heldout") for i in range(max(size.prompts, 48))]
-    with torch.no_grad():
-        vq_reading = evaluate.image_accuracy(tokenizer.decode_image(tokenizer.encode_image(
-            evaluate.spec_images(many, tokenizer.vq.config.resolution))), many)
-    image_grid([to_pil(x) for x in torch.cat([held_out_images[:4], reconstructions[:4]])],
-               ["original"] * min(4, len(specs)) + ["VQ reconstruction"] * min(4, len(specs)), cols=4).save(
+    reconstructions = tokenizer.decode_image(tokenizer.encode_image(many_images))
+    vq_reading = evaluate.image_accuracy(reconstructions, many)
+    shown = min(4, len(specs))
+    image_grid([to_pil(x) for x in torch.cat([held_out_images[:shown], reconstructions[:shown]])],
+               ["original"] * shown + ["VQ reconstruction"] * shown, cols=4).save(
         report / "vq_reconstructions.png")
     _retrieval_examples(augmented, tokenizer, report / "retrieval_examples.png")
     return {
