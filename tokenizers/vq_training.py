@@ -157,7 +157,7 @@ def evaluate(model: VQGAN, images: torch.Tensor, batch_size: int = 16) -> dict[s
     was_training = model.training
     model.eval()
     codes = model.encode(images, batch_size=batch_size)
-    recon = model.decode(codes, batch_size=batch_size)
+    recon = model.decode(codes, batch_size=batch_size).cpu()
     model.train(was_training)
     # score the 8-bit images a user would see
     recon = to_float(to_uint8(recon))
@@ -338,7 +338,8 @@ class WeightAverage:
         if not 0.0 < decay < 1.0:
             raise ValueError(f"ema_decay must be in (0, 1), got {decay}")
         self.decay = decay
-        self.model = VQGAN(model.config).to(memory_format=torch.channels_last)
+        device = next(model.parameters()).device
+        self.model = VQGAN(model.config).to(device, memory_format=torch.channels_last)
         self.model.load_state_dict(model.state_dict())
         self.model.requires_grad_(False)
 
@@ -397,15 +398,20 @@ def train_vqgan(
     resume: bool = True,
     progress: bool = True,
     options: TrainOptions | None = None,
+    device: str | torch.device = "cpu",
 ) -> dict[str, Any]:
-    """Train until ``steps`` or ``seconds_budget`` (training wall clock), checkpoint, evaluate, report."""
+    """Train until ``steps`` or ``seconds_budget`` (training wall clock), checkpoint, evaluate, report.
+
+    On ``device="cuda"`` the models train there in float32 (the images stay in CPU memory as uint8 and each
+    batch is drawn there with the same generator, so a seed gives the same batches on any device)."""
     options = options or TrainOptions()
+    device = torch.device(device)
     previous_threads = torch.get_num_threads()
     if options.num_threads:
         torch.set_num_threads(options.num_threads)
     try:
         return _train(data, Path(out_dir), config, steps, batch_size, lr, seconds_budget, heldout_fraction, seed,
-                      lpips_weights, resume, progress, options)
+                      lpips_weights, resume, progress, options, device)
     finally:
         torch.set_num_threads(previous_threads)
 
@@ -413,11 +419,11 @@ def train_vqgan(
 def _train(data: str | os.PathLike[str], out: Path, config: VQGANConfig, steps: int, batch_size: int, lr: float,
            seconds_budget: float | None, heldout_fraction: float, seed: int,
            lpips_weights: str | os.PathLike[str] | None, resume: bool, progress: bool,
-           options: TrainOptions) -> dict[str, Any]:
+           options: TrainOptions, device: torch.device) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
-    perceptual = LPIPS(lpips_weights) if lpips_weights is not None else None
+    perceptual = LPIPS(lpips_weights).to(device) if lpips_weights is not None else None
 
     keys, images = load_images(data, config.resolution)
     held = torch.tensor([is_heldout(k, heldout_fraction) for k in keys])
@@ -425,9 +431,9 @@ def _train(data: str | os.PathLike[str], out: Path, config: VQGANConfig, steps: 
     if len(train_images) == 0:
         raise ValueError("every image fell into the held-out split; lower heldout_fraction")
 
-    model = VQGAN(config).to(memory_format=torch.channels_last)
+    model = VQGAN(config).to(device, memory_format=torch.channels_last)
     ema = WeightAverage(model, options.ema_decay) if options.ema_decay is not None else None
-    disc = PatchDiscriminator(config.out_ch, options.disc_channels, options.disc_layers)
+    disc = PatchDiscriminator(config.out_ch, options.disc_channels, options.disc_layers).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=lr, betas=(0.5, 0.9))
     disc_opt = torch.optim.Adam(disc.parameters(), lr=lr * options.disc_lr_scale, betas=(0.5, 0.9))
     step, elapsed_before = 0, 0.0
@@ -475,7 +481,7 @@ def _train(data: str | os.PathLike[str], out: Path, config: VQGANConfig, steps: 
         progress_fraction = max(step / steps, elapsed() / seconds_budget if seconds_budget else 0.0)
         for group, base in ((opt.param_groups[0], lr), (disc_opt.param_groups[0], lr * options.disc_lr_scale)):
             group["lr"] = base * _lr_factor(step, progress_fraction, options)
-        x = _batch(train_images, batch_size, options.crop_size, generator, options.crop_candidates)
+        x = _batch(train_images, batch_size, options.crop_size, generator, options.crop_candidates).to(device)
 
         z = model.encode_latent(x)
         z_q, q_loss, indices = model.quantize(z)
@@ -553,6 +559,6 @@ def _train(data: str | os.PathLike[str], out: Path, config: VQGANConfig, steps: 
 
 def write_reconstructions(model: VQGAN, images: torch.Tensor, path: Path) -> None:
     """A PNG grid: originals on the top row, their reconstructions below."""
-    recon = to_uint8(model.decode(model.encode(to_float(images))))
+    recon = to_uint8(model.decode(model.encode(to_float(images))).cpu())
     grid = torch.cat([torch.cat(list(images), dim=2), torch.cat(list(recon), dim=2)], dim=1)
     Image.fromarray(grid.permute(1, 2, 0).numpy()).save(path)

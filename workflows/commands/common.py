@@ -62,3 +62,20 @@ def parse_bytes(text: str) -> int:
         return parse_memory_size(text)
     except ValueError:
         fail(f"--memory-budget {text!r}: expected a size such as 512MB or 4GB")
+
+def training_device(name: str):
+    """``--device``: "auto" is the first GPU when torch sees one, else the CPU; anything else must name a device
+    torch has here (a ValueError, so the command exits with a clear message, not a CUDA trace)."""
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise ValueError(f"--device {name!r}: {err}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name!r}: torch sees no CUDA GPU on this machine")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name!r}: expected cpu, cuda, cuda:N or auto")
+    return device

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from cm3.workflows.commands.common import fail, json_summary
+from cm3.workflows.commands.common import fail, json_summary, training_device
 
 
 def tokenizer_train_vq(
@@ -19,6 +19,7 @@ def tokenizer_train_vq(
     batch_size: int = typer.Option(8, min=1, help="Images per step (the demo preset learns fastest with 4)."),
     lr: float = typer.Option(2e-4, help="Learning rate (Adam, betas 0.5/0.9 as taming)."),
     threads: Optional[int] = typer.Option(None, min=1, help="torch CPU threads (default: torch's, one per core)."),
+    device: str = typer.Option("auto", help="cpu, cuda, cuda:N, or auto (the first GPU when there is one)."),
     lpips_weights: Optional[Path] = typer.Option(None, help="Local LPIPS weights file: adds the perceptual loss."),
     ema_decay: Optional[float] = typer.Option(None, help="Save and evaluate an EMA of the weights (e.g. 0.999)."),
     resume: bool = typer.Option(True, help="Continue from OUT/checkpoint when it exists."),
@@ -44,7 +45,8 @@ def tokenizer_train_vq(
         options = demo_training_options() if preset == "demo" else TrainOptions()
         options = replace(options, num_threads=threads, ema_decay=ema_decay)  # threads None: one per core
         report = train_vqgan(data, out, config, steps=steps, batch_size=batch_size, lr=lr, seconds_budget=seconds,
-                             lpips_weights=lpips_weights, resume=resume, progress=progress, options=options)
+                             lpips_weights=lpips_weights, resume=resume, progress=progress, options=options,
+                             device=training_device(device))
     except (ValueError, FileNotFoundError) as err:
         fail(str(err))
     typer.echo(f"{out}: held-out PSNR {report['heldout_psnr_db']:.2f} dB, SSIM {report['heldout_ssim']:.3f}, "
