@@ -176,7 +176,7 @@ def test_cosine_codebook_does_not_collapse_on_a_tiny_run(raw, tmp_path) -> None:
     assert torch.allclose(codes.norm(dim=1), torch.ones(len(codes)), atol=1e-5)
 
 
-def test_busiest_crop_keeps_the_shape_rather_than_the_background() -> None:
+def test_busiest_crop_keeps_the_shape_and_a_plain_share_keeps_background() -> None:
     spec = shapes.ShapeSpec("square", "red", "small", "top left", "white", cx=40.0, cy=40.0, radius=24.0)
     image = torch.from_numpy(np.asarray(shapes.render(spec))).permute(2, 0, 1)[None]
     generator = torch.Generator().manual_seed(0)
@@ -188,6 +188,9 @@ def test_busiest_crop_keeps_the_shape_rather_than_the_background() -> None:
         return (batch[:, 1] < 0).flatten(1).any(1).float()
 
     assert has_shape(busiest).mean() > has_shape(plain).mean() + 0.3
+    mixed = _batch(image.expand(64, -1, -1, -1), 64, 64, generator, candidates=8, plain_share=0.5)
+    assert mixed.shape == (64, 3, 64, 64)  # first half plain crops (background too), second half the busiest
+    assert has_shape(mixed[32:]).mean() > has_shape(mixed[:32]).mean() + 0.3
 
 
 def test_fsq_tiny_run_learns_without_codebook_restarts(raw, tmp_path) -> None:

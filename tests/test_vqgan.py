@@ -93,6 +93,7 @@ def test_default_config_is_cm3leon_f8_with_1024_tokens() -> None:
     assert demo.tokens_per_image == 64 and demo.resolution == 256
     assert demo.fsq_levels and demo.patch_size == 4 and demo.n_embed == 1000  # FSQ and a patch stem: demo only
     assert not cfg.fsq_levels and cfg.patch_size == 1  # the default is taming's layout exactly
+    assert demo.norm == "channel" and cfg.norm == "group"
     assert VQGANConfig.from_dict(demo.to_dict()) == demo
     with pytest.raises(ValueError, match="unknown preset"):
         VQGANConfig.preset("nope")

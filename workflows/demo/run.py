@@ -41,8 +41,8 @@ class DemoSize:
     """Budgets of one demo run; ``SMALL`` is the reduced size the tests run end to end."""
 
     images: int = 2000
-    vq_seconds: float = 300.0  # the VQ-GAN and the CLIP train side by side, one core each
-    clip_seconds: float = 300.0
+    vq_seconds: float = 420.0  # the VQ-GAN and the CLIP train side by side, one core each
+    clip_seconds: float = 420.0
     vocab_size: int = 512
     seq_len: int = 320
     lm_width: int = 128  # d_model of the decoder (the "tiny" preset's 4 layers): 2.5x the steps of width 256
