@@ -72,9 +72,9 @@ def demo_training_options() -> TrainOptions:
     """Options for the "demo" preset: 128-pixel crops, three in four chosen as the busiest (largest pixel
     variance) of 4 positions, since random crops of the mostly flat demo images are mostly background (the model
     is convolutional; evaluation uses full 256x256 images), and one in four at a plain random position, so flat
-    background far from any shape is trained too. Measured, 600 s on 2 cores: 28.7 dB with the plain share,
-    26.7 without it (a whole black background then decoded with green ghost patches); 150 s on one core:
-    15.4 dB for busiest crops vs 10.2 dB for random 64-pixel crops (with an earlier preset)."""
+    background far from any shape is trained too. Measured, 600 s on 2 cores, seed 0: 28.7 dB with the plain
+    share (27.7 on a rerun), 26.7 without it (whole black backgrounds then decoded with green ghost patches);
+    150 s on one core: 15.4 dB for busiest crops vs 10.2 dB for random 64-pixel crops (an earlier preset)."""
     return TrainOptions(crop_size=128, crop_candidates=4, plain_crop_share=0.25, usage_window=30)
 
 
