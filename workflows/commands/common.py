@@ -63,6 +63,7 @@ def parse_bytes(text: str) -> int:
     except ValueError:
         fail(f"--memory-budget {text!r}: expected a size such as 512MB or 4GB")
 
+
 def training_device(name: str):
     """``--device``: "auto" is the first GPU when torch sees one, else the CPU; anything else must name a device
     torch has here (a ValueError, so the command exits with a clear message, not a CUDA trace)."""
