@@ -17,6 +17,8 @@ from cm3.tokenizers.vq_training import (
     CodebookTracker,
     TrainOptions,
     _batch,
+    _lr_factor,
+    demo_training_options,
     evaluate,
     is_heldout,
     load_images,
@@ -248,3 +250,17 @@ def test_device_argument_trains_the_same_batches_and_the_cli_refuses_a_missing_g
                    "--steps", "1", "--device", "cuda")
         assert proc.returncode == 2 and "--device 'cuda'" in proc.stderr and "no CUDA GPU" in proc.stderr
         assert not (tmp_path / "gpu" / "checkpoint").exists()
+
+
+def test_learning_rate_warms_up_linearly_and_the_cli_sets_the_warm_up(raw, tmp_path) -> None:
+    options = TrainOptions(warmup_steps=100, min_lr_fraction=0.05)
+    assert _lr_factor(0, 0.0, options) == pytest.approx(0.01)
+    assert _lr_factor(49, 0.0, options) == pytest.approx(0.5)
+    assert _lr_factor(99, 0.0, options) == pytest.approx(1.0)
+    assert _lr_factor(5000, 1.0, options) == pytest.approx(0.05)  # cosine floor at the end of the budget
+    for flags, expected in (([], demo_training_options().warmup_steps), (["--warmup-steps", "7"], 7)):
+        out = tmp_path / f"warmup{expected}"
+        proc = cm3("tokenizer", "train-vq", "--data", str(raw), "--out", str(out), "--preset", "demo", "--steps", "1",
+                   "--threads", "1", "--no-progress", *flags)
+        assert proc.returncode == 0, proc.stderr
+        assert json.loads((out / "report.json").read_text())["settings"]["warmup_steps"] == expected

@@ -153,8 +153,8 @@ PRESETS: dict[str, VQGANConfig] = {
     # For the embedded CPU demo: 256x256 -> 8x8 = 64 tokens from 1000 codes (a coarser preset of the same code;
     # the 1024-token f8 default is what the tests exercise). 4x4 pixel patches folded into channels (no conv at
     # full resolution), a 64 -> 8 trunk, FSQ levels (8, 5, 5, 5), per-pixel channel norm: 3.2M parameters.
-    # Held-out PSNR after 600 s on the 2-core CPU machine (batch 4, `demo_training_options`): 28.7, 28.5, 27.7 and
-    # 26.2 dB in four runs (README: "VQ-GAN"); GroupNorm gave 26.4 dB, the earlier taming-layout preset 18.6 dB.
+    # Held-out PSNR after 600 s on the 2-core CPU machine (batch 4, `demo_training_options`): 28.8, 29.7, 28.4 and
+    # 29.1 dB in four runs (README: "VQ-GAN"); GroupNorm gave 26.4 dB, the earlier taming-layout preset 18.6 dB.
     "demo": VQGANConfig(ch=32, ch_mult=(1, 2, 2, 4), num_res_blocks=1, attn_resolutions=(), z_channels=64,
                         embed_dim=4, n_embed=1000, norm_groups=8, patch_size=4, fsq_levels=(8, 5, 5, 5),
                         norm="channel"),

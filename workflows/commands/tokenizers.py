@@ -18,6 +18,8 @@ def tokenizer_train_vq(
     seconds: Optional[float] = typer.Option(None, help="Wall-clock training budget in seconds."),
     batch_size: int = typer.Option(8, min=1, help="Images per step (the demo preset learns fastest with 4)."),
     lr: float = typer.Option(2e-4, help="Learning rate (Adam, betas 0.5/0.9 as taming)."),
+    warmup_steps: Optional[int] = typer.Option(None, min=1, help="Linear learning-rate warm-up (default: the "
+                                               "preset's, 1000 steps for demo, 5 otherwise)."),
     threads: Optional[int] = typer.Option(None, min=1, help="torch CPU threads (default: torch's, one per core)."),
     device: str = typer.Option("auto", help="cpu, cuda, cuda:N, or auto (the first GPU when there is one)."),
     lpips_weights: Optional[Path] = typer.Option(None, help="Local LPIPS weights file: adds the perceptual loss."),
@@ -44,6 +46,8 @@ def tokenizer_train_vq(
             raise ValueError(f"{lpips_weights}: no such LPIPS weights file")
         options = demo_training_options() if preset == "demo" else TrainOptions()
         options = replace(options, num_threads=threads, ema_decay=ema_decay)  # threads None: one per core
+        if warmup_steps is not None:
+            options = replace(options, warmup_steps=warmup_steps)
         report = train_vqgan(data, out, config, steps=steps, batch_size=batch_size, lr=lr, seconds_budget=seconds,
                              lpips_weights=lpips_weights, resume=resume, progress=progress, options=options,
                              device=training_device(device))
