@@ -146,6 +146,20 @@ def test_checker_survives_noise_and_blur(jpeg_dataset) -> None:
     assert accuracy["colour_ok"] >= 0.95 and accuracy["shape_ok"] >= 0.95, accuracy
 
 
+def test_image_accuracy_breaks_shape_accuracy_down_by_size() -> None:
+    from cm3.workflows.demo import evaluate
+
+    specs = [shapes.spec_for(i) for i in range(30)]
+    images = evaluate.spec_images(specs, 256)
+    small = [i for i, spec in enumerate(specs) if spec.size == "small"]
+    assert small and len(small) < len(specs)
+    images[small] = images[small][:, :, :1, :1].expand(-1, -1, 256, 256)  # the shape erased: background only
+    result = evaluate.image_accuracy(images, specs)
+    assert result["shape_accuracy_by_size"]["small"] == 0.0
+    assert all(value == 1.0 for size, value in result["shape_accuracy_by_size"].items() if size != "small")
+    assert result["shape_accuracy"] == pytest.approx(1 - len(small) / len(specs))
+
+
 def test_checker_accepts_pil_images_of_any_size() -> None:
     spec = shapes.spec_for(11)
     reading = read_attributes(shapes.render(spec, size=512))

@@ -273,8 +273,8 @@ def evaluate_stage(workdir: Path, checkpoint: Path, index: Path, augmented: Path
         report / "vq_reconstructions.png")
     _retrieval_examples(augmented, tokenizer, report / "retrieval_examples.png")
     return {
-        "text_to_image": {**main, "checker_on_vq_reconstructions": {k: vq_reading[k] for k in ("colour_accuracy",
-                                                                                         "shape_accuracy")},
+        "text_to_image": {**main, "checker_on_vq_reconstructions": {k: vq_reading[k] for k in (
+                              "colour_accuracy", "shape_accuracy", "shape_accuracy_by_size")},
                           "command": f"cm3 generate PROMPT --checkpoint {checkpoint} -n {size.samples} "
                                      f"--temperature {size.temperature}"},
         "image_to_text": {**captioning, "command": f"cm3 caption IMAGE --checkpoint {checkpoint}"},
