@@ -146,6 +146,26 @@ def test_checker_survives_noise_and_blur(jpeg_dataset) -> None:
     assert accuracy["colour_ok"] >= 0.95 and accuracy["shape_ok"] >= 0.95, accuracy
 
 
+def test_checker_reads_heavily_blurred_shapes_by_their_taper(jpeg_dataset) -> None:
+    """Blur (sigma 6 px) fills a small triangle's box to ~0.7, like a circle's; its taper still tells it."""
+    blurred = [(spec, cv2.GaussianBlur(pixels, (0, 0), 6)) for spec, pixels in jpeg_dataset]
+    accuracy = _accuracy(blurred)
+    assert accuracy["shape_ok"] >= 0.98, accuracy
+    triangles = [pair for pair in blurred if pair[0].shape == "triangle" and pair[0].size == "small"]
+    assert triangles and _accuracy(triangles)["shape_ok"] == 1.0
+
+
+def test_blobs_that_are_none_of_the_shapes_read_as_no_shape() -> None:
+    """A ring, a bar and a smear wider at the top are read as no shape, not credited to the nearest one."""
+    canvas = np.zeros((256, 256, 3), np.uint8)
+    ring = cv2.circle(canvas.copy(), (128, 128), 60, (220, 30, 30), thickness=30)
+    bar = cv2.rectangle(canvas.copy(), (40, 110), (216, 146), (30, 70, 230), thickness=-1)
+    wedge = cv2.fillPoly(canvas.copy(), [np.array([[60, 60], [196, 60], [128, 190]], np.int32)], (30, 160, 50))
+    for image, colour in ((ring, "red"), (bar, "blue"), (wedge, "green")):
+        reading = read_attributes(image)
+        assert reading.ok and reading.colour == colour and reading.shape is None, reading
+
+
 def test_image_accuracy_breaks_shape_accuracy_down_by_size() -> None:
     from cm3.workflows.demo import evaluate
 

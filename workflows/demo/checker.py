@@ -19,8 +19,15 @@ from .shapes import BACKGROUNDS, CANVAS, COLOURS, POSITIONS, SIZE_DIAMETERS, SIZ
 BORDER = 3  # width in pixels of the frame whose median is the background colour
 FOREGROUND_DISTANCE = 50.0  # first pass: RGB distance from the background that counts as shape
 MIN_AREA_FRACTION = 0.002  # smaller components are noise, not a shape (~130 px at 256x256)
-# Fill ratio (area / bounding-box area): triangle 0.5, circle pi/4 = 0.785, square 1.0.
-TRIANGLE_BELOW = (0.5 + np.pi / 4) / 2  # ~0.643
+# Taper (area in the top quarter of the bounding box / area in its bottom quarter): the apex-up triangle
+# 1/7, circle and square 1. Blur hardly moves it (sigma 6 px: a small triangle's <= 0.45) while it fills a
+# small triangle's box to ~0.7, as much as a circle's, so triangles are told by taper, not fill ratio.
+TRIANGLE_TAPER_BELOW = 0.5
+ROUND_TAPER_ABOVE = 2.0  # a circle or square wider at the top than this is neither
+# Fill ratio (area / bounding-box area): circle pi/4 = 0.785, square 1.0. Under CIRCLE_FILL_ABOVE a blob
+# that does not taper like a triangle is no shape at all (generated blobs filled 0.38-0.61 of their box).
+CIRCLE_FILL_ABOVE = 0.68
+ASPECT_AT_MOST = 1.5  # every shape of the data set fits a square box; a bar or a smear is none of them
 SQUARE_ABOVE = (np.pi / 4 + 1.0) / 2  # ~0.893
 # Bounding-box extent thresholds midway between the nominal diameters (68 and 112 px).
 SIZE_THRESHOLDS = tuple((SIZE_DIAMETERS[a] + SIZE_DIAMETERS[b]) / 2 for a, b in zip(SIZES, SIZES[1:]))
@@ -30,7 +37,8 @@ _KERNEL = np.ones((3, 3), np.uint8)
 
 @dataclass(frozen=True)
 class Reading:
-    """What the checker saw; attribute names are ``None`` when no shape was found."""
+    """What the checker saw; attribute names are ``None`` when no shape was found (``shape`` also when the
+    blob found is none of the three shapes)."""
 
     ok: bool
     background: str
@@ -40,6 +48,7 @@ class Reading:
     position: str | None = None
     foreground_fraction: float = 0.0
     fill_ratio: float = 0.0
+    taper: float = 0.0  # top-quarter area / bottom-quarter area of the bounding box
     colour_distance: float = float("nan")  # from the measured colour to the named palette colour
     extent: float = 0.0  # mean bounding-box side, CANVAS pixels
     centre: tuple[float, float] = (float("nan"), float("nan"))  # bounding-box centre
@@ -81,9 +90,21 @@ def _classify_position(cx: float, cy: float, radius: float) -> str:
     return POSITIONS[3 * row + col]
 
 
-def _classify_shape(fill_ratio: float) -> str:
-    if fill_ratio < TRIANGLE_BELOW:
+def _taper(component: np.ndarray, x: int, y: int, w: int, h: int) -> float:
+    """Area in the top quarter of the bounding box over area in its bottom quarter."""
+    box = component[y : y + h, x : x + w]
+    quarter = max(1, h // 4)
+    return float(box[:quarter].sum()) / max(float(box[-quarter:].sum()), 1.0)
+
+
+def _classify_shape(fill_ratio: float, taper: float, aspect: float) -> str | None:
+    """Triangle by its taper, square or circle by how much of its box it fills; None for none of these."""
+    if aspect > ASPECT_AT_MOST:
+        return None
+    if taper < TRIANGLE_TAPER_BELOW:
         return "triangle"
+    if taper > ROUND_TAPER_ABOVE or fill_ratio < CIRCLE_FILL_ABOVE:
+        return None
     return "square" if fill_ratio > SQUARE_ABOVE else "circle"
 
 
@@ -118,17 +139,19 @@ def read_attributes(image: Image.Image | np.ndarray) -> Reading:
         return Reading(ok=False, background=background)
     x, y, w, h, area = (int(v) for v in fine[1])
     fill_ratio = area / (w * h)
+    taper = _taper(fine[0], x, y, w, h)
     extent = (w + h) / 2
     cx, cy = x + w / 2, y + h / 2
     return Reading(
         ok=True,
         background=background,
         colour=colour,
-        shape=_classify_shape(fill_ratio),
+        shape=_classify_shape(fill_ratio, taper, max(w, h) / min(w, h)),
         size=_classify_size(extent),
         position=_classify_position(cx, cy, extent / 2),
         foreground_fraction=area / (CANVAS * CANVAS),
         fill_ratio=fill_ratio,
+        taper=taper,
         colour_distance=colour_distance,
         extent=extent,
         centre=(cx, cy),
