@@ -45,9 +45,8 @@ def tokenizer_train_vq(
         if lpips_weights is not None and not lpips_weights.is_file():
             raise ValueError(f"{lpips_weights}: no such LPIPS weights file")
         options = demo_training_options() if preset == "demo" else TrainOptions()
-        options = replace(options, num_threads=threads, ema_decay=ema_decay)  # threads None: one per core
-        if warmup_steps is not None:
-            options = replace(options, warmup_steps=warmup_steps)
+        options = replace(options, num_threads=threads, ema_decay=ema_decay,  # threads None: one per core
+                          warmup_steps=warmup_steps or options.warmup_steps)
         report = train_vqgan(data, out, config, steps=steps, batch_size=batch_size, lr=lr, seconds_budget=seconds,
                              lpips_weights=lpips_weights, resume=resume, progress=progress, options=options,
                              device=training_device(device))

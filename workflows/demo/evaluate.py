@@ -58,17 +58,16 @@ def retrieval_agreement(augmented_dir: Path, tokens_dir: Path) -> dict:
 def image_accuracy(images: torch.Tensor, specs: Sequence[ShapeSpec]) -> dict:
     """Colour and shape accuracy of generated images [N, 3, H, W] against the specs they were asked for, and
     shape accuracy per asked size: a coarse tokenizer loses small shapes' corners first (README: "`cm3 demo`")."""
-    colour = shape = 0
-    by_size: dict[str, list[int]] = {}
+    colour = 0
+    by_size: dict[str, list[int]] = {}  # size -> [right shapes, images]
     for image, spec in zip(images, specs):
         reading = read_attributes(to_pil(image))
         colour += reading.ok and reading.colour == spec.colour
-        right_shape = reading.ok and reading.shape == spec.shape
-        shape += right_shape
         tally = by_size.setdefault(spec.size, [0, 0])
-        tally[0] += right_shape
+        tally[0] += reading.ok and reading.shape == spec.shape
         tally[1] += 1
     n = max(len(specs), 1)
+    shape = sum(right for right, _ in by_size.values())
     return {"colour_accuracy": colour / n, "shape_accuracy": shape / n, "images": len(specs),
             "shape_accuracy_by_size": {size: right / total for size, (right, total) in sorted(by_size.items())}}
 
