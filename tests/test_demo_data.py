@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
+import torch
 from PIL import Image
 
 from cm3.workflows.demo import shapes
@@ -178,6 +179,38 @@ def test_image_accuracy_breaks_shape_accuracy_down_by_size() -> None:
     assert result["shape_accuracy_by_size"]["small"] == 0.0
     assert all(value == 1.0 for size, value in result["shape_accuracy_by_size"].items() if size != "small")
     assert result["shape_accuracy"] == pytest.approx(1 - len(small) / len(specs))
+
+
+class _Favouring(torch.nn.Module):
+    """A decoder whose logits are raised by ``bias``: zero logits plus a bias give a known distribution."""
+
+    def __init__(self, model, bias: torch.Tensor):
+        super().__init__()
+        self.model, self.bias = model, bias
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.model(ids) + self.bias
+
+
+def test_image_nll_given_caption_is_per_image_token(tmp_path) -> None:
+    import math
+
+    from cm3.model.config import CM3Config
+    from cm3.model.decoder import CM3
+    from cm3.workflows.demo import evaluate
+    from factories import TINY_F32, captions, make_tokenizer
+
+    tokenizer = make_tokenizer(tmp_path / "tokenizer", TINY_F32, captions())
+    vocab = tokenizer.vocab
+    model = CM3(CM3Config.from_dict({"vocab_size": vocab.size, "n_layers": 1, "d_model": 32, "n_heads": 2,
+                                     "max_seq_len": 128, "positions": "rope"})).eval()
+    torch.nn.init.zeros_(model.tok_emb.weight)  # zero inputs stay zero through every block: all logits 0
+    specs = [shapes.spec_for(i) for i in range(3)]
+    assert evaluate.image_nll_given_caption(model, tokenizer, specs) == pytest.approx(math.log(vocab.size), abs=1e-3)
+    # all the mass on image ids: uniform over the image codes, and text targets (then ~30 nats) must not count
+    image_only = torch.where(torch.from_numpy(np.asarray(vocab.is_image(np.arange(vocab.size)))), 30.0, 0.0)
+    nll = evaluate.image_nll_given_caption(_Favouring(model, image_only), tokenizer, specs)
+    assert nll == pytest.approx(math.log(vocab.image_vocab_size), abs=1e-3)
 
 
 def test_checker_accepts_pil_images_of_any_size() -> None:

@@ -62,10 +62,11 @@ class DemoSize:
     temperature: float = 0.7  # sampling temperature of every generation (with top-p 0.9 / CD-K and CFG)
     prompts: int = 24  # held-out prompts (attribute pairs never seen together in training): 48 samples per figure
     samples: int = 2  # images per prompt
+    nll_images: int = 96  # images per figure of the decoder's image loss given the caption
 
 
 SMALL = DemoSize(images=60, vq_seconds=8, clip_seconds=8, vocab_size=300, pretrain_steps=4, sft_images=8,
-                 sft_steps=3, prompts=3, samples=1)
+                 sft_steps=3, prompts=3, samples=1, nll_images=4)
 
 
 def _done(folder: Path) -> bool:
@@ -282,9 +283,18 @@ def evaluate_stage(workdir: Path, checkpoint: Path, index: Path, augmented: Path
                ["original"] * shown + ["VQ reconstruction"] * shown, cols=4).save(
         report / "vq_reconstructions.png")
     _retrieval_examples(augmented, tokenizer, report / "retrieval_examples.png")
+
+    # Training images, new images of training pairs, held-out pairs: memorisation vs generalisation, per token.
+    n = size.nll_images
+    nll_specs = {"training_images": [spec_for(i, seed=0, split="train") for i in range(min(n, size.images))],
+                 "training_pairs_new_images": [spec_for(i, seed=1, split="train") for i in range(n)],
+                 "held_out_pairs": [spec_for(i, seed=1, split="heldout") for i in range(n)]}
+    image_nll = {name: round(evaluate.image_nll_given_caption(model, tokenizer, group), 4)
+                 for name, group in nll_specs.items()}
     return {
         "text_to_image": {**main, "checker_on_vq_reconstructions": {k: vq_reading[k] for k in (
                               "colour_accuracy", "shape_accuracy", "shape_accuracy_by_size")},
+                          "image_nll_given_caption": image_nll,
                           "command": f"cm3 generate PROMPT --checkpoint {checkpoint} -n {size.samples} "
                                      f"--temperature {size.temperature}"},
         "image_to_text": {**captioning, "command": f"cm3 caption IMAGE --checkpoint {checkpoint}"},
