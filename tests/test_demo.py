@@ -76,8 +76,10 @@ def test_demo_end_to_end_at_reduced_size(tmp_path):
     by_size = metrics["text_to_image"]["checker_on_vq_reconstructions"]["shape_accuracy_by_size"]
     assert set(by_size) <= {"small", "medium", "large"} and by_size and all(map(fraction, by_size.values()))
     image_nll = metrics["text_to_image"]["image_nll_given_caption"]
-    assert set(image_nll) == {"training_images", "training_pairs_new_images", "held_out_pairs"}
-    assert all(0 < value < 20 for value in image_nll.values()), image_nll  # nats per token; uniform is ln(vocab)
+    assert set(image_nll) == {"pretrained", "tuned"}
+    for figures in image_nll.values():
+        assert set(figures) == {"training_images", "training_pairs_new_images", "held_out_pairs"}
+        assert all(0 < value < 20 for value in figures.values()), image_nll  # nats per token; uniform: ln(vocab)
     assert metrics["training"]["decoder"]["positions"] == "rope"  # DemoSize.lm_positions reached the model
     assert len(metrics["ablations"]) == 4
     assert fraction(metrics["image_to_text"]["colour_and_shape_named"])

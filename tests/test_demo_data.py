@@ -192,7 +192,7 @@ class _Favouring(torch.nn.Module):
         return self.model(ids) + self.bias
 
 
-def test_image_nll_given_caption_is_per_image_token(tmp_path) -> None:
+def test_image_nll_is_per_image_token(tmp_path) -> None:
     import math
 
     from cm3.model.config import CM3Config
@@ -205,11 +205,12 @@ def test_image_nll_given_caption_is_per_image_token(tmp_path) -> None:
     model = CM3(CM3Config.from_dict({"vocab_size": vocab.size, "n_layers": 1, "d_model": 32, "n_heads": 2,
                                      "max_seq_len": 128, "positions": "rope"})).eval()
     torch.nn.init.zeros_(model.tok_emb.weight)  # zero inputs stay zero through every block: all logits 0
-    specs = [shapes.spec_for(i) for i in range(3)]
-    assert evaluate.image_nll_given_caption(model, tokenizer, specs) == pytest.approx(math.log(vocab.size), abs=1e-3)
+    documents = evaluate.caption_first_documents(tokenizer, [shapes.spec_for(i) for i in range(3)])
+    assert all(sum(vocab.is_image(np.asarray(doc))) == tokenizer.tokens_per_image for doc in documents)
+    assert evaluate.image_nll(model, vocab, documents) == pytest.approx(math.log(vocab.size), abs=1e-3)
     # all the mass on image ids: uniform over the image codes, and text targets (then ~30 nats) must not count
     image_only = torch.where(torch.from_numpy(np.asarray(vocab.is_image(np.arange(vocab.size)))), 30.0, 0.0)
-    nll = evaluate.image_nll_given_caption(_Favouring(model, image_only), tokenizer, specs)
+    nll = evaluate.image_nll(_Favouring(model, image_only), vocab, documents)
     assert nll == pytest.approx(math.log(vocab.image_vocab_size), abs=1e-3)
 
 

@@ -4,7 +4,7 @@
 - text -> image: colour / shape accuracy of images generated for held-out prompts (attribute pairs
   never seen together in training), read back by ``checker.read_attributes``;
 - image -> text: share of captions of held-out images that name the right colour and shape;
-- the decoder's image loss given the caption on new images of training pairs and on held-out pairs;
+- the decoder's image loss given the caption on training images, new images of training pairs and held-out pairs;
 - the paper's ablations in miniature: retrieval K=2 vs K=0, CFG vs none, top-p vs CD-K.
 """
 
@@ -91,16 +91,21 @@ def spec_images(specs: Sequence[ShapeSpec], resolution: int, as_served: bool = F
     return torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
-@torch.no_grad()
-def image_nll_given_caption(model, tokenizer, specs: Sequence[ShapeSpec]) -> float:
-    """Nats per image token that the decoder gives the true VQ codes of the specs' images after their alt text
-    (``<eod> caption <break> IMG <eod>``, no retrieval). Scored on new images of training pairs and on held-out
-    pairs, it tells generalisation from memorisation with far less noise than a few dozen sampled images."""
-    vocab = tokenizer.vocab
+def caption_first_documents(tokenizer, specs: Sequence[ShapeSpec]) -> list[list[int]]:
+    """``<eod> alt text <break> IMG <eod>`` of each spec's image as the server sends it (no retrieval)."""
     codes = tokenizer.vq.encode(spec_images(specs, tokenizer.vq.config.resolution, as_served=True)).flatten(1)
+    return [[tokenizer.vocab.eod, *tokenizer.document(spec.alt_text, image_codes), tokenizer.vocab.eod]
+            for spec, image_codes in zip(specs, codes)]
+
+
+@torch.no_grad()
+def image_nll(model, vocab, documents: Sequence[Sequence[int]]) -> float:
+    """Nats per image token that the decoder gives the documents' image codes (``caption_first_documents``:
+    after their caption). Scored on new images of training pairs and on held-out pairs, it tells
+    generalisation from memorisation with far less noise than a few dozen sampled images."""
     total = count = 0.0
-    for spec, image_codes in zip(specs, codes):
-        ids = torch.tensor([[vocab.eod, *tokenizer.document(spec.alt_text, image_codes), vocab.eod]])
+    for document in documents:
+        ids = torch.tensor([document])
         nll = F.cross_entropy(model(ids[:, :-1])[0], ids[0, 1:], reduction="none")
         is_image = torch.from_numpy(np.asarray(vocab.is_image(ids[0, 1:].numpy())))
         total += nll[is_image].sum().item()
