@@ -222,7 +222,8 @@ def sft_data_stage(workdir: Path, tokenizer_dir: Path, size: DemoSize) -> Path:
     folder = workdir / "sft-data"
     if not _done(folder):
         tokenizer = MultimodalTokenizer.load(tokenizer_dir)
-        write_task_shards(demo_tasks(tokenizer, size.sft_images, seed=SFT_IMAGES_SEED), folder, tokenizer.tokens_per_image, 500)
+        tasks = demo_tasks(tokenizer, size.sft_images, seed=SFT_IMAGES_SEED)
+        write_task_shards(tasks, folder, tokenizer.tokens_per_image, 500)
         _mark_done(folder, {"images": size.sft_images})
     return folder
 
