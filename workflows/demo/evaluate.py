@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from cm3.model.sequences import SequenceConfig, example_ids
 from cm3.pipeline import raw_shards
 from cm3.workflows.demo.checker import read_attributes
 from cm3.workflows.demo.shapes import COLOURS, SHAPES, ShapeSpec, encode_jpeg, render
@@ -92,10 +93,13 @@ def spec_images(specs: Sequence[ShapeSpec], resolution: int, as_served: bool = F
 
 
 def caption_first_documents(tokenizer, specs: Sequence[ShapeSpec]) -> list[list[int]]:
-    """``<eod> alt text <break> IMG <eod>`` of each spec's image as the server sends it (no retrieval)."""
+    """Each spec's image, as the server sends it, after its alt text, laid out as pretraining lays out a
+    caption-first example without retrieved documents (``<eod> alt text <break> IMG <eod>``)."""
     codes = tokenizer.vq.encode(spec_images(specs, tokenizer.vq.config.resolution, as_served=True)).flatten(1)
-    return [[tokenizer.vocab.eod, *tokenizer.document(spec.alt_text, image_codes), tokenizer.vocab.eod]
-            for spec, image_codes in zip(specs, codes)]
+    layout = SequenceConfig(seq_len=8, retrieved_min=0, retrieved_max=0, image_first=0.0, cm3=False)
+    rng = np.random.default_rng(0)  # draws nothing that matters: no neighbours, always caption first
+    return [example_ids({"text_ids": tokenizer.text.encode(spec.alt_text), "image_ids": image_codes.numpy()},
+                        tokenizer.vocab, layout, rng) for spec, image_codes in zip(specs, codes)]
 
 
 @torch.no_grad()
