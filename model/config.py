@@ -29,6 +29,10 @@ class CM3Config:
     qk_norm: bool = False  # parameter-free LayerNorm on queries and keys per head (Chameleon: needed at scale)
     positions: str = "learned"  # paper: learned absolute; "rope" rotates queries and keys instead
     rope_theta: float = 10_000.0
+    # DALL-E's row and column embeddings on image tokens: the side of the VQ grid (8 for 8x8 = 64 tokens), 0 off.
+    # Image ids are [image_offset, vocab_size) (the joint vocabulary puts them last); training fills it in.
+    image_grid: int = 0
+    image_offset: int = 0
     init_std: float = 0.006  # truncated normal cut at 3 std; out-projections start at 0
     pos_init_std: float = 0.0002
     # metaseq/OPT share input and output embeddings; only then do the presets' sizes match their names
@@ -57,6 +61,9 @@ class CM3Config:
             raise ValueError(f"positions must be one of {POSITIONS}, got {self.positions!r}")
         if self.positions == "rope" and self.head_dim % 2:
             raise ValueError(f"rope needs an even head_dim, got {self.head_dim}")
+        if self.image_grid < 0 or (self.image_grid and not 0 < self.image_offset < self.vocab_size):
+            raise ValueError(f"image_grid {self.image_grid} needs image_offset in (0, vocab_size {self.vocab_size}), "
+                             f"the first image id; got {self.image_offset}")
         self.betas = tuple(self.betas)
 
     @property
@@ -103,6 +110,6 @@ def num_parameters(config: CM3Config, include_embeddings: bool = True) -> int:
     blocks = config.n_layers * (4 * d * d + mlp)
     if not include_embeddings:
         return blocks
-    positions = config.max_seq_len * d if config.positions == "learned" else 0
+    positions = (config.max_seq_len * d if config.positions == "learned" else 0) + 2 * config.image_grid * d
     output = 0 if config.tie_embeddings else config.vocab_size * d
     return blocks + config.vocab_size * d + positions + output

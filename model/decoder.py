@@ -1,7 +1,8 @@
 """The CM3Leon decoder: one OPT/metaseq-style transformer over the joint text+image vocabulary.
 
 Pre-LN blocks, no biases, no dropout, LayerNorm without parameters, learned absolute positions (or RoPE),
-ReLU MLP (or SwiGLU). A static, preallocated KV cache serves prefill and token-by-token decoding.
+ReLU MLP (or SwiGLU), optionally DALL-E's row/column embeddings on image tokens. A static, preallocated KV
+cache serves prefill and token-by-token decoding.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from cm3.tokenizers.vocabulary import Vocabulary
 
 from .config import CM3Config
 
@@ -32,6 +35,9 @@ class KVCache:
         shape = (n_layers, batch, n_heads, max_len, head_dim)
         self.keys = torch.zeros(shape, dtype=dtype, device=device)
         self.values = torch.zeros(shape, dtype=dtype, device=device)
+        # per row, the grid cell the next token takes if it is an image id (-1: none), so that token-by-token
+        # decoding places image tokens on the grid exactly as a forward over the whole sequence does
+        self.next_cell = torch.full((batch,), -1, dtype=torch.long, device=device)
 
     @property
     def batch(self) -> int:
@@ -53,24 +59,26 @@ class KVCache:
     def reset(self) -> None:
         self.keys.zero_()
         self.values.zero_()
+        self.next_cell.fill_(-1)
 
     def copy(self) -> KVCache:
-        return self._with(self.keys.clone(), self.values.clone())
+        return self._with(self.keys.clone(), self.values.clone(), self.next_cell.clone())
 
     def reorder(self, index: torch.Tensor) -> None:
         """Keep/permute/duplicate batch rows in place: row i becomes old row index[i] (beam search, CFG)."""
         index = index.to(self.keys.device)
         self.keys = self.keys.index_select(1, index)
         self.values = self.values.index_select(1, index)
+        self.next_cell = self.next_cell.index_select(0, index)
 
     def repeat(self, n: int) -> KVCache:
         """A new cache with the rows tiled n times ([a, b] -> [a, b, a, b]), e.g. one prompt for cond and uncond."""
-        return self._with(self.keys.repeat(1, n, 1, 1, 1), self.values.repeat(1, n, 1, 1, 1))
+        return self._with(self.keys.repeat(1, n, 1, 1, 1), self.values.repeat(1, n, 1, 1, 1), self.next_cell.repeat(n))
 
     @classmethod
-    def _with(cls, keys: torch.Tensor, values: torch.Tensor) -> KVCache:
+    def _with(cls, keys: torch.Tensor, values: torch.Tensor, next_cell: torch.Tensor) -> KVCache:
         cache = cls.__new__(cls)
-        cache.keys, cache.values = keys, values
+        cache.keys, cache.values, cache.next_cell = keys, values, next_cell
         return cache
 
 
@@ -88,6 +96,34 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     """Rotate the two halves of each head (GPT-NeoX layout) of x [B, H, T, head_dim]."""
     x1, x2 = x.float().chunk(2, dim=-1)
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).type_as(x)
+
+
+def image_cells(ids: torch.Tensor, image_offset: int, cells: int,
+                carry: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Grid cell (raster index 0..cells-1) of every image id in ids [B, T], -1 elsewhere; and each row's cell
+    for a next image token (the carry into the following call; `carry` [B] is this call's, None = a fresh row).
+
+    An image is a run of image ids opened by `<eod>` or `<break>`, the only tokens an image follows in every
+    layout (documents, prompts, SFT rows). A run opened by anything else gets no cells: in a CM3 training
+    sequence that is the rest of an image after a `<mask:i>` or a span appended at the end, whose true cells
+    depend on a span length the model cannot know at that point. Cells past the grid (a longer run) get -1.
+    """
+    B, T = ids.shape
+    is_image = ids >= image_offset
+    opens = (ids == Vocabulary.eod) | (ids == Vocabulary.break_)
+    index = torch.arange(T, device=ids.device).expand(B, T)
+    last_other = torch.where(is_image, -1, index).cummax(dim=1).values  # the last non-image position so far
+    carry = torch.full((B,), -1, dtype=torch.long, device=ids.device) if carry is None else carry
+    opened = opens.gather(1, last_other.clamp(min=0))
+    # cell = index - base: a run opened in this call starts after its opener; one carried in continues `carry`
+    base = torch.where(last_other >= 0, last_other + 1, -carry[:, None])
+    valid = torch.where(last_other >= 0, opened, carry[:, None] >= 0)
+    cell = index - base
+    cell = torch.where(is_image & valid & (cell < cells), cell, -1)
+    last = cell[:, -1]
+    next_cell = torch.where(is_image[:, -1], torch.where(last >= 0, last + 1, -1),
+                            torch.where(opens[:, -1], 0, -1))
+    return cell, next_cell
 
 
 def causal_kwargs(q_len: int, k_len: int, device: torch.device) -> dict:
@@ -170,6 +206,9 @@ class CM3(nn.Module):
         self.config = config
         self.tok_emb = nn.Embedding(config.vocab_size, config.d_model)
         self.pos_emb = nn.Embedding(config.max_seq_len, config.d_model) if config.positions == "learned" else None
+        grid = config.image_grid
+        self.row_emb = nn.Embedding(grid, config.d_model) if grid else None
+        self.col_emb = nn.Embedding(grid, config.d_model) if grid else None
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
         self.norm = nn.LayerNorm(config.d_model, elementwise_affine=False)
         # Tied (metaseq/OPT) by default: logits reuse tok_emb.weight, and the checkpoint holds that matrix once.
@@ -207,6 +246,8 @@ class CM3(nn.Module):
         if key_padding is not None:  # per-row positions counted from the first real token
             positions = (positions[None, :] - key_padding.sum(dim=1, keepdim=True)).clamp(min=0)
         x = self.tok_emb(ids)
+        if self.row_emb is not None:
+            x = x + self._grid_embedding(ids, kv_cache, start_pos)
         rope = None
         if self.pos_emb is not None:
             x = x + self.pos_emb(positions)
@@ -217,6 +258,17 @@ class CM3(nn.Module):
             x = block(x, rope, kv_cache, start_pos, mask)
         weight = self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
         return F.linear(self.norm(x), weight).float()
+
+    def _grid_embedding(self, ids: torch.Tensor, kv_cache: KVCache | None, start_pos: int) -> torch.Tensor:
+        """Row + column embedding of each image token's grid cell (0 on every other token)."""
+        grid = self.config.image_grid
+        carry = kv_cache.next_cell if kv_cache is not None and start_pos > 0 else None
+        cell, next_cell = image_cells(ids, self.config.image_offset, grid * grid, carry)
+        if kv_cache is not None:
+            kv_cache.next_cell = next_cell
+        on_grid = cell >= 0
+        cell = cell.clamp(min=0)
+        return (self.row_emb(cell // grid) + self.col_emb(cell % grid)) * on_grid[..., None]
 
     def new_kv_cache(self, batch: int, max_len: int | None = None) -> KVCache:
         """An empty cache in this model's dtype and device, for up to max_len (default max_seq_len) positions."""

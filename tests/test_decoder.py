@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from cm3.model.config import PRESETS, CM3Config, num_parameters
-from cm3.model.decoder import CM3, KVCache
+from cm3.model.decoder import CM3, KVCache, image_cells
 from cm3.model.objective import cm3_loss
 
 
@@ -57,7 +57,8 @@ def test_preset_parameter_counts_match_the_built_model(name):
     assert built == num_parameters(config)
 
 
-@pytest.mark.parametrize("overrides", [dict(activation="swiglu"), dict(positions="rope", tie_embeddings=False)])
+@pytest.mark.parametrize("overrides", [dict(activation="swiglu"), dict(positions="rope", tie_embeddings=False),
+                                       dict(image_grid=3, image_offset=60)])
 def test_option_parameter_counts_match_the_built_model(overrides):
     config = small_config(**overrides)
     assert sum(p.numel() for p in CM3(config).parameters()) == num_parameters(config)
@@ -120,6 +121,52 @@ def test_kv_cache_decoding_matches_a_full_forward(positions, qk_norm):
         steps = [model(ids[:, :9], kv_cache=cache), model(ids[:, 9:14], kv_cache=cache, start_pos=9)]
         steps += [model(ids[:, t:t + 1], kv_cache=cache, start_pos=t) for t in range(14, 24)]
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-4, rtol=0)
+
+
+IMAGE = 60  # image ids of the grid tests are 60..96; 1 is <eod>, 2 <break>, 10 stands for a <mask:i>
+
+
+def test_image_cells_number_each_image_in_raster_order_and_skip_cut_images():
+    ids = torch.tensor([[1, 30, 31, 2, 60, 61, 62, 63, 64, 1],  # caption first; the run outgrows a 2x2 grid
+                        [1, 70, 71, 2, 30, 1, 0, 0, 0, 0],  # image first, then padding
+                        [1, 30, 2, 60, 61, 10, 62, 63, 10, 64]])  # CM3: an image's rest after <mask:i>, its span
+    cells, next_cell = image_cells(ids, IMAGE, 4)
+    assert cells.tolist() == [[-1, -1, -1, -1, 0, 1, 2, 3, -1, -1],
+                              [-1, 0, 1, -1, -1, -1, -1, -1, -1, -1],
+                              [-1, -1, -1, 0, 1, -1, -1, -1, -1, -1]]
+    assert next_cell.tolist() == [0, -1, -1]  # after <eod> an image may start; after a pad or a cut image not
+    for cut in range(1, 10):  # in two calls, the carry continues the image exactly
+        first, carry = image_cells(ids[:, :cut], IMAGE, 4)
+        second, _ = image_cells(ids[:, cut:], IMAGE, 4, carry)
+        assert torch.cat([first, second], dim=1).tolist() == cells.tolist(), cut
+
+
+def test_image_grid_embeddings_reach_image_tokens_only():
+    model = randomized(small_config(positions="rope", image_grid=2, image_offset=IMAGE))
+    ids = torch.tensor([[1, 30, 31, 32, 2, 60, 61, 62, 63, 2, 33]])
+    with torch.no_grad():
+        before = model(ids)
+        model.row_emb.weight.add_(torch.randn_like(model.row_emb.weight))  # (a constant would vanish in LayerNorm)
+        after = model(ids)
+    assert torch.equal(before[:, :5], after[:, :5])  # the caption and <break>: no image token yet
+    assert (before[:, 5:] - after[:, 5:]).abs().amax(dim=-1).min() > 1e-3
+
+
+@pytest.mark.parametrize("positions", ["learned", "rope"])
+def test_kv_cache_decoding_with_an_image_grid_matches_a_full_forward(positions):
+    model = randomized(small_config(positions=positions, image_grid=3, image_offset=IMAGE))
+    caption = torch.randint(11, IMAGE, (2, 5))
+    image = torch.randint(IMAGE, 97, (2, 9))
+    ids = torch.cat([torch.ones(2, 1, dtype=torch.long), caption, torch.full((2, 1), 2), image], dim=1)
+    with torch.no_grad():
+        full = model(ids)
+        cache = model.new_kv_cache(batch=1, max_len=32)
+        model(ids[:1, :9], kv_cache=cache)  # the prompt once, then one row per stream as guidance does
+        rows = cache.repeat(2)
+        rows.reorder(torch.tensor([0, 0]))
+        steps = [model(ids[:1, t:t + 1].expand(2, 1), kv_cache=rows, start_pos=t) for t in range(9, ids.shape[1])]
+    torch.testing.assert_close(torch.cat(steps, dim=1)[0], full[0, 9:], atol=1e-4, rtol=0)
+    torch.testing.assert_close(torch.cat(steps, dim=1)[1], full[0, 9:], atol=1e-4, rtol=0)
 
 
 def test_kv_cache_copy_repeat_reorder_and_reset():

@@ -76,6 +76,19 @@ def write_sft_shards(folder: Path, vocab, rows: int = 64) -> Path:
     return folder
 
 
+def test_image_grid_takes_the_tokenizers_image_offset_and_must_match_its_grid(tokenizer_dir, vocab):
+    from cm3.tokenizers.multimodal import MultimodalTokenizer
+    from cm3.workflows.train import with_image_offset
+
+    tokenizer = MultimodalTokenizer.load(tokenizer_dir)
+    assert tokenizer.tokens_per_image == 64
+    assert with_image_offset({"image_grid": 8, "d_model": 64}, tokenizer) == {
+        "image_grid": 8, "d_model": 64, "image_offset": vocab.image_offset}
+    assert with_image_offset({"d_model": 64}, tokenizer) == {"d_model": 64}
+    with pytest.raises(ValueError, match="gives 64 tokens per image; set image_grid=8"):
+        with_image_offset({"image_grid": 16}, tokenizer)
+
+
 def options(stage: str, shards: Path, storage: Path, **overrides):
     from cm3.workflows.train import TrainOptions
 

@@ -159,6 +159,19 @@ def init_checkpoint(init: Path) -> Path:
                             f"({MARKER} not found)")
 
 
+def with_image_offset(overrides: dict[str, Any], tokenizer) -> dict[str, Any]:
+    """`--set image_grid=N` on a new model: its image ids start at the tokenizer's image offset, and N x N must
+    be the tokenizer's tokens per image (the grid the VQ-GAN lays its codes on, in raster order)."""
+    grid = overrides.get("image_grid") or 0
+    if not grid:
+        return overrides
+    tokens = tokenizer.tokens_per_image
+    if grid * grid != tokens:
+        raise ValueError(f"image_grid={grid} is a {grid}x{grid} = {grid * grid}-token grid, but the tokenizer "
+                         f"gives {tokens} tokens per image; set image_grid={round(tokens ** 0.5)}")
+    return {**overrides, "image_offset": tokenizer.vocab.image_offset}
+
+
 def latest_run_checkpoint(run_dir: Path) -> Optional[Path]:
     """The newest complete training checkpoint in a run folder (names carry the zero-padded step)."""
     from cm3.model.training import STATE_FILE
@@ -216,7 +229,8 @@ def plan_run(options: TrainOptions):
             raise ValueError(f"--set {sorted(options.model_overrides)} cannot change the shape of the --init model")
     else:
         size = {"max_seq_len": options.seq_len} if options.seq_len else {}
-        config = CM3Config.from_preset(options.preset, vocab_size=vocab_size, **{**size, **options.model_overrides})
+        overrides = with_image_offset({**size, **options.model_overrides}, tokenizer)
+        config = CM3Config.from_preset(options.preset, vocab_size=vocab_size, **overrides)
     schedule = {"lr": options.lr, "warmup_steps": options.warmup_steps, "batch_tokens": options.batch_tokens}
     config = CM3Config.from_dict({**config.to_dict(), **{k: v for k, v in schedule.items() if v is not None}})
 
