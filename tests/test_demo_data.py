@@ -214,6 +214,46 @@ def test_image_nll_is_per_image_token(tmp_path) -> None:
     assert nll == pytest.approx(math.log(vocab.image_vocab_size), abs=1e-3)
 
 
+class _ReadsOneWord(torch.nn.Module):
+    """A decoder that reads one caption token: while ``word`` is in the sequence, all mass goes to image ids."""
+
+    def __init__(self, model, word: int, image_ids: torch.Tensor):
+        super().__init__()
+        self.model, self.word, self.image_ids = model, word, image_ids
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        present = (ids == self.word).any(dim=1).float()[:, None, None]
+        return self.model(ids) + present * torch.where(self.image_ids, 30.0, 0.0)
+
+
+def test_caption_reliance_is_the_loss_rise_of_the_swapped_word_only(tmp_path) -> None:
+    import math
+
+    from cm3.model.config import CM3Config
+    from cm3.model.decoder import CM3
+    from cm3.workflows.demo import evaluate
+    from factories import TINY_F32, captions, make_tokenizer
+
+    tokenizer = make_tokenizer(tmp_path / "tokenizer", TINY_F32, captions())
+    vocab = tokenizer.vocab
+    model = CM3(CM3Config.from_dict({"vocab_size": vocab.size, "n_layers": 1, "d_model": 32, "n_heads": 2,
+                                     "max_seq_len": 128, "positions": "rope"})).eval()
+    torch.nn.init.zeros_(model.tok_emb.weight)  # all logits 0: it reads nothing
+    specs = [spec for spec in (shapes.spec_for(i) for i in range(60)) if spec.colour == "red"][:3]
+    ignoring = evaluate.caption_reliance(model, tokenizer, specs)
+    assert ignoring["full_caption"] == pytest.approx(math.log(vocab.size), abs=1e-3)
+    assert all(abs(rise) < 1e-5 for name, rise in ignoring.items() if name != "full_caption"), ignoring
+
+    true_doc = evaluate.caption_first_documents(tokenizer, specs[:1], [specs[0].caption])[0]
+    other_doc = evaluate.caption_first_documents(tokenizer, specs[:1], [evaluate.swapped(specs[0], "colour").caption])[0]
+    red = sorted(set(true_doc) - set(other_doc))[0]  # the joint id of the word "red" in this BPE
+    image_ids = torch.from_numpy(np.asarray(vocab.is_image(np.arange(vocab.size))))
+    reading = evaluate.caption_reliance(_ReadsOneWord(model, red, image_ids), tokenizer, specs)
+    assert reading["full_caption"] == pytest.approx(math.log(vocab.image_vocab_size), abs=1e-3)
+    assert reading["colour_swapped"] == pytest.approx(math.log(vocab.size / vocab.image_vocab_size), abs=1e-3)
+    assert all(abs(reading[f"{name}_swapped"]) < 1e-5 for name in ("shape", "size", "position", "background"))
+
+
 def test_checker_accepts_pil_images_of_any_size() -> None:
     spec = shapes.spec_for(11)
     reading = read_attributes(shapes.render(spec, size=512))

@@ -5,6 +5,7 @@
   never seen together in training), read back by ``checker.read_attributes``;
 - image -> text: share of captions of held-out images that name the right colour and shape;
 - the decoder's image loss given the caption on training images, new images of training pairs and held-out pairs;
+- how much the decoder reads each attribute of the caption: the rise of that loss when one word is swapped;
 - the paper's ablations in miniature: retrieval K=2 vs K=0, CFG vs none, top-p vs CD-K.
 """
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 import io
 import re
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +26,7 @@ from PIL import Image
 from cm3.model.sequences import SequenceConfig, example_ids
 from cm3.pipeline import raw_shards
 from cm3.workflows.demo.checker import read_attributes
-from cm3.workflows.demo.shapes import COLOURS, SHAPES, ShapeSpec, encode_jpeg, render
+from cm3.workflows.demo.shapes import BACKGROUNDS, COLOURS, POSITIONS, SHAPES, SIZES, ShapeSpec, encode_jpeg, render
 from cm3.workflows.report import to_pil
 
 _WORDS = re.compile(r"[a-z]+")
@@ -92,14 +94,44 @@ def spec_images(specs: Sequence[ShapeSpec], resolution: int, as_served: bool = F
     return torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
-def caption_first_documents(tokenizer, specs: Sequence[ShapeSpec]) -> list[list[int]]:
-    """Each spec's image, as the server sends it, after its alt text, laid out as pretraining lays out a
-    caption-first example without retrieved documents (``<eod> alt text <break> IMG <eod>``)."""
+def caption_first_documents(tokenizer, specs: Sequence[ShapeSpec],
+                            texts: Sequence[str] | None = None) -> list[list[int]]:
+    """Each spec's image, as the server sends it, after its alt text (or ``texts``), laid out as pretraining
+    lays out a caption-first example without retrieved documents (``<eod> text <break> IMG <eod>``)."""
     codes = tokenizer.vq.encode(spec_images(specs, tokenizer.vq.config.resolution, as_served=True)).flatten(1)
+    return _documents(tokenizer, [spec.alt_text for spec in specs] if texts is None else texts, codes)
+
+
+def _documents(tokenizer, texts: Sequence[str], codes: torch.Tensor) -> list[list[int]]:
     layout = SequenceConfig(seq_len=8, retrieved_min=0, retrieved_max=0, image_first=0.0, cm3=False)
     rng = np.random.default_rng(0)  # draws nothing that matters: no neighbours, always caption first
-    return [example_ids({"text_ids": tokenizer.text.encode(spec.alt_text), "image_ids": image_codes.numpy()},
-                        tokenizer.vocab, layout, rng) for spec, image_codes in zip(specs, codes)]
+    return [example_ids({"text_ids": tokenizer.text.encode(text), "image_ids": image_codes.numpy()},
+                        tokenizer.vocab, layout, rng) for text, image_codes in zip(texts, codes)]
+
+
+ATTRIBUTE_VALUES: dict[str, Sequence[str]] = {"colour": list(COLOURS), "shape": SHAPES, "size": SIZES,
+                                              "position": POSITIONS, "background": list(BACKGROUNDS)}
+
+
+def swapped(spec: ShapeSpec, attribute: str) -> ShapeSpec:
+    """The spec with ``attribute`` set to the next value of its list: a caption that names one thing wrong."""
+    values = ATTRIBUTE_VALUES[attribute]
+    return replace(spec, **{attribute: values[(values.index(getattr(spec, attribute)) + 1) % len(values)]})
+
+
+@torch.no_grad()
+def caption_reliance(model, tokenizer, specs: Sequence[ShapeSpec]) -> dict[str, float]:
+    """How much the decoder reads each word of the caption: the image loss (nats per image token) after the full
+    caption, and how much it rises when the caption names one attribute wrong. A rise near 0 means the decoder
+    draws that attribute without reading it (from retrieved images, or not at all), so no sampling setting can
+    make its samples follow that word."""
+    codes = tokenizer.vq.encode(spec_images(specs, tokenizer.vq.config.resolution, as_served=True)).flatten(1)
+    given_truth = image_nll(model, tokenizer.vocab, _documents(tokenizer, [spec.caption for spec in specs], codes))
+    rise = {}
+    for attribute in ATTRIBUTE_VALUES:
+        wrong = [swapped(spec, attribute).caption for spec in specs]
+        rise[f"{attribute}_swapped"] = image_nll(model, tokenizer.vocab, _documents(tokenizer, wrong, codes)) - given_truth
+    return {"full_caption": given_truth, **rise}
 
 
 @torch.no_grad()
