@@ -80,7 +80,14 @@ def test_demo_end_to_end_at_reduced_size(tmp_path):
     for figures in image_nll.values():
         assert set(figures) == {"training_images", "training_pairs_new_images", "held_out_pairs"}
         assert all(0 < value < 20 for value in figures.values()), image_nll  # nats per token; uniform: ln(vocab)
-    assert metrics["training"]["decoder"]["positions"] == "rope"  # DemoSize.lm_positions reached the model
+    reliance = metrics["text_to_image"]["caption_reliance"]
+    assert set(reliance) == {"pretrained", "tuned"}
+    for figures in reliance.values():
+        assert set(figures) == {"full_caption", *(f"{a}_swapped" for a in ("colour", "shape", "size", "position",
+                                                                            "background"))}
+        assert 0 < figures["full_caption"] < 20 and all(abs(v) < 20 for v in figures.values()), reliance
+    decoder = metrics["training"]["decoder"]
+    assert (decoder["positions"], decoder["image_grid"]) == ("rope", 8)  # DemoSize's choices reached the model
     assert len(metrics["ablations"]) == 4
     assert fraction(metrics["image_to_text"]["colour_and_shape_named"])
     assert all("command" in metrics[section] for section in ("ingest", "tokenizer", "retrieval", "text_to_image"))
