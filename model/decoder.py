@@ -73,7 +73,8 @@ class KVCache:
 
     def repeat(self, n: int) -> KVCache:
         """A new cache with the rows tiled n times ([a, b] -> [a, b, a, b]), e.g. one prompt for cond and uncond."""
-        return self._with(self.keys.repeat(1, n, 1, 1, 1), self.values.repeat(1, n, 1, 1, 1), self.next_cell.repeat(n))
+        return self._with(self.keys.repeat(1, n, 1, 1, 1), self.values.repeat(1, n, 1, 1, 1),
+                          self.next_cell.repeat(n))
 
     @classmethod
     def _with(cls, keys: torch.Tensor, values: torch.Tensor, next_cell: torch.Tensor) -> KVCache:

@@ -245,7 +245,8 @@ def test_caption_reliance_is_the_loss_rise_of_the_swapped_word_only(tmp_path) ->
     assert all(abs(rise) < 1e-5 for name, rise in ignoring.items() if name != "full_caption"), ignoring
 
     true_doc = evaluate.caption_first_documents(tokenizer, specs[:1], [specs[0].caption])[0]
-    other_doc = evaluate.caption_first_documents(tokenizer, specs[:1], [evaluate.swapped(specs[0], "colour").caption])[0]
+    wrong_colour = evaluate.swapped(specs[0], "colour").caption
+    other_doc = evaluate.caption_first_documents(tokenizer, specs[:1], [wrong_colour])[0]
     red = sorted(set(true_doc) - set(other_doc))[0]  # the joint id of the word "red" in this BPE
     image_ids = torch.from_numpy(np.asarray(vocab.is_image(np.arange(vocab.size))))
     reading = evaluate.caption_reliance(_ReadsOneWord(model, red, image_ids), tokenizer, specs)

@@ -126,11 +126,12 @@ def caption_reliance(model, tokenizer, specs: Sequence[ShapeSpec]) -> dict[str, 
     draws that attribute without reading it (from retrieved images, or not at all), so no sampling setting can
     make its samples follow that word."""
     codes = tokenizer.vq.encode(spec_images(specs, tokenizer.vq.config.resolution, as_served=True)).flatten(1)
-    given_truth = image_nll(model, tokenizer.vocab, _documents(tokenizer, [spec.caption for spec in specs], codes))
-    rise = {}
-    for attribute in ATTRIBUTE_VALUES:
-        wrong = [swapped(spec, attribute).caption for spec in specs]
-        rise[f"{attribute}_swapped"] = image_nll(model, tokenizer.vocab, _documents(tokenizer, wrong, codes)) - given_truth
+    def loss(captions: list[str]) -> float:
+        return image_nll(model, tokenizer.vocab, _documents(tokenizer, captions, codes))
+
+    given_truth = loss([spec.caption for spec in specs])
+    rise = {f"{attribute}_swapped": loss([swapped(spec, attribute).caption for spec in specs]) - given_truth
+            for attribute in ATTRIBUTE_VALUES}
     return {"full_caption": given_truth, **rise}
 
 
