@@ -182,14 +182,17 @@ def test_image_accuracy_breaks_shape_accuracy_down_by_size() -> None:
 
 
 class _Favouring(torch.nn.Module):
-    """A decoder whose logits are raised by ``bias``: zero logits plus a bias give a known distribution."""
+    """A decoder whose logits are raised by ``bias`` (only in sequences holding ``word``, when given): zero
+    logits plus a bias give a known distribution."""
 
-    def __init__(self, model, bias: torch.Tensor):
+    def __init__(self, model, bias: torch.Tensor, word: int | None = None):
         super().__init__()
-        self.model, self.bias = model, bias
+        self.model, self.bias, self.word = model, bias, word
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.model(ids) + self.bias
+        if self.word is None:
+            return self.model(ids) + self.bias
+        return self.model(ids) + (ids == self.word).any(dim=1).float()[:, None, None] * self.bias
 
 
 def test_image_nll_is_per_image_token(tmp_path) -> None:
@@ -205,25 +208,15 @@ def test_image_nll_is_per_image_token(tmp_path) -> None:
     model = CM3(CM3Config.from_dict({"vocab_size": vocab.size, "n_layers": 1, "d_model": 32, "n_heads": 2,
                                      "max_seq_len": 128, "positions": "rope"})).eval()
     torch.nn.init.zeros_(model.tok_emb.weight)  # zero inputs stay zero through every block: all logits 0
-    documents = evaluate.caption_first_documents(tokenizer, [shapes.spec_for(i) for i in range(3)])
+    specs = [shapes.spec_for(i) for i in range(3)]
+    documents = evaluate.caption_first_documents(tokenizer, [spec.alt_text for spec in specs],
+                                                 evaluate.spec_codes(tokenizer, specs))
     assert all(sum(vocab.is_image(np.asarray(doc))) == tokenizer.tokens_per_image for doc in documents)
     assert evaluate.image_nll(model, vocab, documents) == pytest.approx(math.log(vocab.size), abs=1e-3)
     # all the mass on image ids: uniform over the image codes, and text targets (then ~30 nats) must not count
     image_only = torch.where(torch.from_numpy(np.asarray(vocab.is_image(np.arange(vocab.size)))), 30.0, 0.0)
     nll = evaluate.image_nll(_Favouring(model, image_only), vocab, documents)
     assert nll == pytest.approx(math.log(vocab.image_vocab_size), abs=1e-3)
-
-
-class _ReadsOneWord(torch.nn.Module):
-    """A decoder that reads one caption token: while ``word`` is in the sequence, all mass goes to image ids."""
-
-    def __init__(self, model, word: int, image_ids: torch.Tensor):
-        super().__init__()
-        self.model, self.word, self.image_ids = model, word, image_ids
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        present = (ids == self.word).any(dim=1).float()[:, None, None]
-        return self.model(ids) + present * torch.where(self.image_ids, 30.0, 0.0)
 
 
 def test_caption_reliance_is_the_loss_rise_of_the_swapped_word_only(tmp_path) -> None:
@@ -240,16 +233,14 @@ def test_caption_reliance_is_the_loss_rise_of_the_swapped_word_only(tmp_path) ->
                                      "max_seq_len": 128, "positions": "rope"})).eval()
     torch.nn.init.zeros_(model.tok_emb.weight)  # all logits 0: it reads nothing
     specs = [spec for spec in (shapes.spec_for(i) for i in range(60)) if spec.colour == "red"][:3]
-    ignoring = evaluate.caption_reliance(model, tokenizer, specs)
+    documents = evaluate.reliance_documents(tokenizer, specs, evaluate.spec_codes(tokenizer, specs))
+    ignoring = evaluate.caption_reliance(model, vocab, documents)
     assert ignoring["full_caption"] == pytest.approx(math.log(vocab.size), abs=1e-3)
     assert all(abs(rise) < 1e-5 for name, rise in ignoring.items() if name != "full_caption"), ignoring
 
-    true_doc = evaluate.caption_first_documents(tokenizer, specs[:1], [specs[0].caption])[0]
-    wrong_colour = evaluate.swapped(specs[0], "colour").caption
-    other_doc = evaluate.caption_first_documents(tokenizer, specs[:1], [wrong_colour])[0]
-    red = sorted(set(true_doc) - set(other_doc))[0]  # the joint id of the word "red" in this BPE
-    image_ids = torch.from_numpy(np.asarray(vocab.is_image(np.arange(vocab.size))))
-    reading = evaluate.caption_reliance(_ReadsOneWord(model, red, image_ids), tokenizer, specs)
+    red = sorted(set(documents["full_caption"][0]) - set(documents["colour_swapped"][0]))[0]  # "red" in this BPE
+    image_only = torch.where(torch.from_numpy(np.asarray(vocab.is_image(np.arange(vocab.size)))), 30.0, 0.0)
+    reading = evaluate.caption_reliance(_Favouring(model, image_only, word=red), vocab, documents)
     assert reading["full_caption"] == pytest.approx(math.log(vocab.image_vocab_size), abs=1e-3)
     assert reading["colour_swapped"] == pytest.approx(math.log(vocab.size / vocab.image_vocab_size), abs=1e-3)
     assert all(abs(reading[f"{name}_swapped"]) < 1e-5 for name in ("shape", "size", "position", "background"))

@@ -94,15 +94,14 @@ def spec_images(specs: Sequence[ShapeSpec], resolution: int, as_served: bool = F
     return torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
-def caption_first_documents(tokenizer, specs: Sequence[ShapeSpec],
-                            texts: Sequence[str] | None = None) -> list[list[int]]:
-    """Each spec's image, as the server sends it, after its alt text (or ``texts``), laid out as pretraining
-    lays out a caption-first example without retrieved documents (``<eod> text <break> IMG <eod>``)."""
-    codes = tokenizer.vq.encode(spec_images(specs, tokenizer.vq.config.resolution, as_served=True)).flatten(1)
-    return _documents(tokenizer, [spec.alt_text for spec in specs] if texts is None else texts, codes)
+def spec_codes(tokenizer, specs: Sequence[ShapeSpec]) -> torch.Tensor:
+    """VQ codes [N, tokens_per_image] of the specs' images as the server sends them (the training images' codes)."""
+    return tokenizer.vq.encode(spec_images(specs, tokenizer.vq.config.resolution, as_served=True)).flatten(1)
 
 
-def _documents(tokenizer, texts: Sequence[str], codes: torch.Tensor) -> list[list[int]]:
+def caption_first_documents(tokenizer, texts: Sequence[str], codes: torch.Tensor) -> list[list[int]]:
+    """Each image's codes after its text, laid out as pretraining lays out a caption-first example without
+    retrieved documents (``<eod> text <break> IMG <eod>``)."""
     layout = SequenceConfig(seq_len=8, retrieved_min=0, retrieved_max=0, image_first=0.0, cm3=False)
     rng = np.random.default_rng(0)  # draws nothing that matters: no neighbours, always caption first
     return [example_ids({"text_ids": tokenizer.text.encode(text), "image_ids": image_codes.numpy()},
@@ -119,19 +118,23 @@ def swapped(spec: ShapeSpec, attribute: str) -> ShapeSpec:
     return replace(spec, **{attribute: values[(values.index(getattr(spec, attribute)) + 1) % len(values)]})
 
 
-@torch.no_grad()
-def caption_reliance(model, tokenizer, specs: Sequence[ShapeSpec]) -> dict[str, float]:
-    """How much the decoder reads each word of the caption: the image loss (nats per image token) after the full
-    caption, and how much it rises when the caption names one attribute wrong. A rise near 0 means the decoder
-    draws that attribute without reading it (from retrieved images, or not at all), so no sampling setting can
-    make its samples follow that word."""
-    codes = tokenizer.vq.encode(spec_images(specs, tokenizer.vq.config.resolution, as_served=True)).flatten(1)
-    def loss(captions: list[str]) -> float:
-        return image_nll(model, tokenizer.vocab, _documents(tokenizer, captions, codes))
+def reliance_documents(tokenizer, specs: Sequence[ShapeSpec], codes: torch.Tensor) -> dict[str, list[list[int]]]:
+    """The images (``codes``) after their full caption (``"full_caption"``) and after captions that name one
+    attribute wrong (``"<attribute>_swapped"``): what ``caption_reliance`` scores."""
+    variants = {"full_caption": [spec.caption for spec in specs]}
+    variants.update({f"{attribute}_swapped": [swapped(spec, attribute).caption for spec in specs]
+                     for attribute in ATTRIBUTE_VALUES})
+    return {name: caption_first_documents(tokenizer, texts, codes) for name, texts in variants.items()}
 
-    given_truth = loss([spec.caption for spec in specs])
-    rise = {f"{attribute}_swapped": loss([swapped(spec, attribute).caption for spec in specs]) - given_truth
-            for attribute in ATTRIBUTE_VALUES}
+
+def caption_reliance(model, vocab, documents: dict[str, list[list[int]]]) -> dict[str, float]:
+    """How much the decoder reads each word of the caption: the image loss (nats per image token) after the full
+    caption, and how much it rises when the caption names one attribute wrong (``reliance_documents``). A rise
+    near 0 means the decoder draws that attribute without reading it (from retrieved images, or not at all), so
+    no sampling setting can make its samples follow that word."""
+    given_truth = image_nll(model, vocab, documents["full_caption"])
+    rise = {name: image_nll(model, vocab, docs) - given_truth for name, docs in documents.items()
+            if name != "full_caption"}
     return {"full_caption": given_truth, **rise}
 
 

@@ -300,15 +300,19 @@ def evaluate_stage(workdir: Path, checkpoint: Path, index: Path, augmented: Path
     nll_specs = {"training_images": [spec_for(i, seed=0, split="train") for i in range(min(n, size.images))],
                  "training_pairs_new_images": [spec_for(i, seed=NEW_IMAGES_SEED, split="train") for i in range(n)],
                  "held_out_pairs": [spec_for(i, seed=NEW_IMAGES_SEED, split="heldout") for i in range(n)]}
-    documents = {name: evaluate.caption_first_documents(tokenizer, group) for name, group in nll_specs.items()}
+    codes = {name: evaluate.spec_codes(tokenizer, group) for name, group in nll_specs.items()}
+    documents = {name: evaluate.caption_first_documents(tokenizer, [spec.alt_text for spec in nll_specs[name]],
+                                                        codes[name]) for name in nll_specs}
     decoders = {"pretrained": load_checkpoint(pretrained)[0]} if pretrained else {}
     decoders["tuned"] = model
     image_nll = {stage: {name: round(evaluate.image_nll(decoder, tokenizer.vocab, docs), 4)
                          for name, docs in documents.items()}
                  for stage, decoder in decoders.items()}
     # which words of the full caption each decoder reads: the loss rise when one names the wrong value
+    swaps = evaluate.reliance_documents(tokenizer, nll_specs["training_pairs_new_images"],
+                                        codes["training_pairs_new_images"])
     reliance = {stage: {name: round(value, 4) for name, value in evaluate.caption_reliance(
-                    decoder, tokenizer, nll_specs["training_pairs_new_images"]).items()}
+                    decoder, tokenizer.vocab, swaps).items()}
                 for stage, decoder in decoders.items()}
     return {
         "text_to_image": {**main, "checker_on_vq_reconstructions": {k: vq_reading[k] for k in (
