@@ -27,8 +27,8 @@ Usage (from the repository root):
     .venv/bin/python benchmarks/ingest.py --n 2000 --repeats 2 --out runs/bench-ingest
 
 The Ray cluster is stopped at the end, even on error, with the effect of ``ray stop --force``
-limited to its own processes (found by its private ``--temp-dir`` in their command lines or open
-log files): ``ray stop`` itself would also kill every other Ray cluster on the machine.
+limited to its own processes (``cm3.workflows.ray_cluster``): ``ray stop`` itself would also kill
+every other Ray cluster on the machine.
 """
 
 from __future__ import annotations
@@ -47,8 +47,6 @@ import multiprocessing as mp
 import platform
 import queue
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import tempfile
@@ -161,91 +159,6 @@ def warm_and_measure(base_url: str, n: int, threads: int) -> dict:
         raise RuntimeError("the demo data server answered an empty image")
     return {"requests": n, "seconds": round(seconds, 3), "requests_per_second": round(n / seconds, 1),
             "client_threads": threads}
-
-
-# --------------------------------------------------------------------------- the Ray cluster
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((LOOPBACK, 0))
-        return sock.getsockname()[1]
-
-
-class RayCluster:
-    """A head node started with `ray start`, private temp dir; stop() kills only its processes."""
-
-    def __init__(self, num_cpus: int):
-        self.num_cpus = num_cpus
-        self.port = free_port()
-        # short: Ray's unix socket paths live under it and must stay below ~107 characters
-        self.temp_dir = tempfile.mkdtemp(prefix="cm3b", dir="/tmp")
-        self.address = f"{LOOPBACK}:{self.port}"
-        self.start_seconds = 0.0
-        # every process of this cluster inherits this variable (Ray's agents rename their command lines)
-        self.marker = f"CM3_BENCH_RAY_CLUSTER={os.getpid()}-{self.port}"
-
-    def start(self) -> str:
-        cmd = [str(BIN / "ray"), "start", "--head", f"--port={self.port}", f"--num-cpus={self.num_cpus}",
-               f"--node-ip-address={LOOPBACK}", "--include-dashboard=false", "--disable-usage-stats",
-               f"--temp-dir={self.temp_dir}"]
-        started = time.time()
-        env = {**_env(), self.marker.split("=")[0]: self.marker.split("=")[1]}
-        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
-        self.start_seconds = time.time() - started
-        if done.returncode != 0:
-            raise RuntimeError(f"ray start failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
-        return self.address
-
-    def _pids(self) -> list[int]:
-        pids = []
-        for proc in Path("/proc").iterdir():
-            if not proc.name.isdigit() or int(proc.name) == os.getpid():
-                continue
-            try:
-                cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-                environ = (proc / "environ").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            if self.temp_dir in cmdline or self.marker.encode() in environ or self._has_file_open(proc):
-                pids.append(int(proc.name))
-        return pids
-
-    def _has_file_open(self, proc: Path) -> bool:
-        """Ray's agents get neither the temp dir in argv nor our environment, but keep its logs open."""
-        try:
-            fds = list((proc / "fd").iterdir())
-        except OSError:
-            return False
-        for fd in fds:
-            try:
-                if os.readlink(fd).startswith(self.temp_dir + "/"):
-                    return True
-            except OSError:
-                continue
-        return False
-
-    def stop(self) -> None:
-        """The effect of `ray stop --force`, limited to this cluster's processes."""
-        for sig, wait in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 2.0)):
-            pids = self._pids()
-            for pid in pids:
-                try:
-                    os.kill(pid, sig)
-                except ProcessLookupError:
-                    pass
-            deadline = time.time() + wait
-            while pids and time.time() < deadline:
-                pids = [p for p in pids if Path(f"/proc/{p}").exists() and not _zombie(p)]
-                time.sleep(0.1)
-        shutil.rmtree(self.temp_dir, ignore_errors=True)
-
-
-def _zombie(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1].startswith("Z")
-    except (OSError, IndexError):
-        return True
 
 
 # --------------------------------------------------------------------------- the contenders
@@ -435,7 +348,9 @@ def main(argv=None) -> int:
     print(f"work folder: {work}", flush=True)
 
     server = ServerProcess(args.n, args.render_workers)
-    cluster = RayCluster(args.ray_cpus)
+    from cm3.workflows.ray_cluster import LocalRayCluster
+
+    cluster = LocalRayCluster(head_cpus=args.ray_cpus)
     runs: list[dict] = []
     results: dict = {}
     try:
@@ -450,7 +365,7 @@ def main(argv=None) -> int:
         print(f"warm-up: every image fetched once in {warm['seconds']:.1f} s "
               f"({warm['requests_per_second']:.0f} requests/s from {args.warm_threads} client threads)", flush=True)
 
-        address = cluster.start()
+        address = cluster.start().address
         print(f"Ray head at {address} ({args.ray_cpus} CPUs) started in {cluster.start_seconds:.1f} s", flush=True)
 
         for repeat in range(args.repeats):
