@@ -27,7 +27,7 @@ sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE] + [_HE
 import argparse  # noqa: E402
 
 import torch  # noqa: E402
-from hf_peer import best_seconds, opt_peer, require_transformers, vocabulary_for  # noqa: E402
+from hf_peer import add_run_arguments, best_seconds, opt_peer, start_run  # noqa: E402
 
 from cm3.model.config import CM3Config  # noqa: E402
 from cm3.model.decoder import CM3  # noqa: E402
@@ -44,24 +44,18 @@ def build_ours(config: CM3Config, device: torch.device, dtype: torch.dtype) -> C
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--preset", default="tiny")
+    add_run_arguments(parser)
     parser.add_argument("--images", type=int, default=16, help="images per batch; CFG decodes twice as many rows")
     parser.add_argument("--tokens", type=int, default=None,
                         help="image tokens per image (default: 64 for tiny, the demo's; 1024 otherwise)")
     parser.add_argument("--prompt-len", type=int, default=16, help="prompt tokens per row, <eod> and <break> included")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=("bf16", "fp32"), default=None, help="default: bf16 on CUDA, fp32 on CPU")
     parser.add_argument("--compile", action="store_true", help="torch.compile ours (reduce-overhead on CUDA)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per contender after one warm-up")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     args = parser.parse_args()
 
-    transformers = require_transformers()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    transformers, device, vocab = start_run(args)
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
-    vocab = vocabulary_for(args.preset)
     tokens = args.tokens or (64 if args.preset == "tiny" else 1024)
     config = CM3Config.from_preset(args.preset, vocab_size=vocab.size)
     rows = 2 * args.images

@@ -1,5 +1,5 @@
-"""What `generate.py` and `train.py` share: the Hugging Face OPT peer of a cm3 config, the vocabularies
-both run with, and CUDA-synchronised timing with the contenders taking turns.
+"""What `generate.py` and `train.py` share: their common flags, the Hugging Face OPT peer of a cm3 config, the
+vocabularies both run with, and CUDA-synchronised timing with the contenders taking turns.
 
 Imported by those scripts, which move this folder to the end of `sys.path` first: `benchmarks/tokenize.py`
 would otherwise shadow the standard library's `tokenize`, which torch imports.
@@ -7,6 +7,7 @@ would otherwise shadow the standard library's `tokenize`, which torch imports.
 
 from __future__ import annotations
 
+import argparse
 import sys
 import time
 from collections.abc import Callable
@@ -23,6 +24,21 @@ PAPER_VOCAB = Vocabulary(text_vocab_size=56_320, image_vocab_size=8192)
 
 def vocabulary_for(preset: str) -> Vocabulary:
     return VOCABS.get(preset, PAPER_VOCAB)
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags both benchmarks take: the decoder preset, the device and torch's CPU threads."""
+    parser.add_argument("--preset", default="tiny")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+
+
+def start_run(args: argparse.Namespace) -> tuple[object, torch.device, Vocabulary]:
+    """(the transformers module, the device, the preset's vocabulary), torch's CPU threads set as asked."""
+    transformers = require_transformers()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return transformers, torch.device(args.device), vocabulary_for(args.preset)
 
 
 def require_transformers():

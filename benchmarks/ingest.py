@@ -75,14 +75,14 @@ def _env() -> dict[str, str]:
 
 
 def _render(index: int) -> bytes:
-    from cm3.workflows.demo.server import image_jpeg
+    from cm3.synthetic.server import image_jpeg
 
     return image_jpeg.__wrapped__(0, "train", index)  # seed 0, train split: what the URL list names
 
 
 def _serve(n: int, render_workers: int, ready, stop) -> None:
     """Server process: pre-render every image, serve them from memory until ``stop`` is set."""
-    from cm3.workflows.demo import server as demo_server
+    from cm3.synthetic import server as demo_server
 
     started = time.time()
     with mp.get_context("spawn").Pool(render_workers) as pool:
@@ -358,7 +358,7 @@ def main(argv=None) -> int:
         info = server.start()
         print(f"demo data server (pid {info['pid']}) at {info['url']}: {args.n} images pre-rendered in "
               f"{info['render_seconds']:.1f} s ({info['bytes'] / 1e6:.1f} MB)", flush=True)
-        from cm3.workflows.demo.server import write_url_list
+        from cm3.synthetic.server import write_url_list
 
         url_list = write_url_list(work / "urls.parquet", info["url"], args.n)
         warm = warm_and_measure(info["url"], args.n, args.warm_threads)

@@ -27,7 +27,7 @@ sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE] + [_HE
 import argparse  # noqa: E402
 
 import torch  # noqa: E402
-from hf_peer import best_seconds, opt_peer, require_transformers, vocabulary_for  # noqa: E402
+from hf_peer import add_run_arguments, best_seconds, opt_peer, start_run  # noqa: E402
 
 from cm3.model.config import CM3Config  # noqa: E402
 from cm3.model.decoder import CM3  # noqa: E402
@@ -38,21 +38,15 @@ CPU_TARGET = 1.0
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--preset", default="tiny")
+    add_run_arguments(parser)
     parser.add_argument("--batch", type=int, default=4, help="sequences per step")
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--steps", type=int, default=5, help="timed steps per contender per round")
     parser.add_argument("--rounds", type=int, default=3, help="rounds, contenders taking turns; best round counts")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--compile", action="store_true", help="torch.compile both models")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     args = parser.parse_args()
 
-    transformers = require_transformers()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    vocab = vocabulary_for(args.preset)
+    transformers, device, vocab = start_run(args)
     config = CM3Config.from_preset(args.preset, vocab_size=vocab.size, max_seq_len=max(args.seq_len + 1, 8))
     autocast = torch.bfloat16 if device.type == "cuda" else None
     torch.manual_seed(0)

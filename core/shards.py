@@ -1,32 +1,25 @@
-"""The raw-shard folder on disk: names, atomic commits, and which shards are complete.
+"""The shard commit protocol that every shard folder follows (raw, token, augmented and SFT task shards).
 
-Layout of ``cm3 ingest --out DIR`` (img2dataset's parquet layout, plus a commit rule):
-
-    DIR/00000.parquet         one row per input URL: key, url, caption, txt, jpg (bytes, null on failure),
-                              status, error_message, width, height, original_width, original_height, sha256
-    DIR/00000_stats.json      img2dataset's per-shard stats (count, successes, status_dict, ...)
-    DIR/ingest_config.json    what produced the folder (input fingerprint, shard size, resize settings)
-    DIR/ingest_summary.json   totals over every complete shard (success rate, failures by reason, images/s)
+    DIR/00000.parquet         the shard's rows
+    DIR/00000_stats.json      the stage's per-shard stats (img2dataset's for raw shards); written last
     DIR/_tmp/                 work in progress; never read
 
-A shard is complete when its stats file exists. Each file reaches its final name by
-``os.replace`` from ``_tmp`` (atomic on one file system), the parquet first and the stats file
-last, so a killed run leaves either nothing, or a parquet without stats that the next run
-rewrites: no half-written shard is ever taken as complete.
+A shard is complete when its stats file exists. Each try at a shard writes into its own staging folder under
+``_tmp`` and is committed file by file with ``replace_file`` (atomic on one file system), the parquet first and
+the stats file last, so a killed run leaves either nothing, or a parquet without stats that the next run
+rewrites: no half-written shard is ever taken as complete, and a rerun resumes shard by shard.
 """
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
 import uuid
 from pathlib import Path
 
+from cm3.core.files import read_json, replace_file
+
 SHARD_DIGITS = 5  # img2dataset's oom_shard_count
 TMP_DIR = "_tmp"
-CONFIG_FILE = "ingest_config.json"
-SUMMARY_FILE = "ingest_summary.json"
 
 
 def shard_name(shard_id: int) -> str:
@@ -65,10 +58,8 @@ def commit_shard(attempt_dir: Path, out_dir: Path, shard_id: int) -> None:
     for staged in (staged_parquet, staged_stats):
         if not staged.exists():
             raise FileNotFoundError(f"shard {shard_name(shard_id)}: {staged.name} was not written")
-        _fsync(staged)
-    os.replace(staged_parquet, parquet_path(out_dir, shard_id))
-    os.replace(staged_stats, stats_path(out_dir, shard_id))
-    _fsync_dir(out_dir)
+    replace_file(staged_parquet, parquet_path(out_dir, shard_id))
+    replace_file(staged_stats, stats_path(out_dir, shard_id))
     shutil.rmtree(attempt_dir, ignore_errors=True)
 
 
@@ -77,35 +68,5 @@ def clear_staging(out_dir: Path) -> None:
     shutil.rmtree(out_dir / TMP_DIR, ignore_errors=True)
 
 
-def read_json(path: Path) -> dict:
-    with open(path, encoding="utf-8") as handle:
-        return json.load(handle)
-
-
 def read_stats(out_dir: Path, shard_id: int) -> dict:
     return read_json(stats_path(out_dir, shard_id))
-
-
-def write_json_atomic(path: Path, payload: dict) -> None:
-    """Write JSON so that readers see the old file or the new one, never a prefix."""
-    staged = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    with open(staged, "w", encoding="utf-8") as handle:
-        json.dump(payload, handle, indent=2, sort_keys=True)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(staged, path)
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        _fsync(path)
-    except OSError:  # some file systems do not allow fsync on a directory
-        pass

@@ -1,1 +1,1 @@
-"""Retrieval: OpenCLIP document vectors, the FAISS index and the paper's retrieval filters."""
+"""Retrieval: the document store, the FAISS index, the paper's retrieval filters and the augmented shards."""

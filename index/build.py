@@ -25,12 +25,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
+from cm3.core.errors import InputError
+from cm3.core.files import write_json
+from cm3.core.shards import clear_staging, complete_shards, parquet_path, read_stats
 from cm3.index.doc_store import DocStore, normalise, write_doc_store
 from cm3.index.retrieval import RetrievalSettings, drop_query_tokens, select_neighbours
-from cm3.pipeline import raw_shards
 from cm3.pipeline.shard_assembler import ShardAssembler
 from cm3.pipeline.tokenize import read_tokens_config
-from cm3.pipeline.url_list import InputError
 
 DOCS_DIR = "docs"
 FAISS_DIR = "faiss"
@@ -55,8 +56,8 @@ def augmented_schema(token_schema: pa.Schema, tokens_per_image: int) -> pa.Schem
 def check_build_inputs(tokens_dir: Path, clip: dict | None) -> tuple[dict, list[int], dict]:
     """(token folder config, complete shard ids, the CLIP identity to use); errors before any work."""
     config = read_tokens_config(tokens_dir)
-    shards = raw_shards.complete_shards(Path(tokens_dir))
-    if not shards or sum(raw_shards.read_stats(tokens_dir, s).get("kept", 0) for s in shards) == 0:
+    shards = complete_shards(Path(tokens_dir))
+    if not shards or sum(read_stats(tokens_dir, s).get("kept", 0) for s in shards) == 0:
         raise InputError(f"{tokens_dir}: no tokenized documents to index (empty data set)")
     stored = config.get("clip")
     if stored is None and clip is None:
@@ -74,13 +75,13 @@ def _embed_from_raw(raw_dir: Path, identity: dict):
 
     from PIL import Image
 
-    from cm3.index.clip_embedder import ClipEmbedder
+    from cm3.tokenizers.clip_embedder import ClipEmbedder
 
     embedder = ClipEmbedder(identity["model_name"], identity["pretrained"])
 
     def embed(table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
         shard = int(table.column("source_shard")[0].as_py())
-        raw = pq.read_table(raw_shards.parquet_path(raw_dir, shard), columns=["key", "jpg"])
+        raw = pq.read_table(parquet_path(raw_dir, shard), columns=["key", "jpg"])
         jpg_by_key = dict(zip(raw.column("key").to_pylist(), raw.column("jpg").to_pylist()))
         images = [Image.open(io.BytesIO(jpg_by_key[key])).convert("RGB") for key in table.column("key").to_pylist()]
         return embedder.embed_images(images), embedder.embed_texts([c or "" for c in table.column("caption").to_pylist()])
@@ -103,7 +104,7 @@ class RetrieveBatch:
         self.rng = np.random.default_rng(seed)
         self.embedder = None
         if settings.query_dropout > 0:
-            from cm3.index.clip_embedder import ClipEmbedder
+            from cm3.tokenizers.clip_embedder import ClipEmbedder
 
             self.embedder = ClipEmbedder(clip["model_name"], clip["pretrained"])
 
@@ -150,7 +151,7 @@ def run_build_index(tokens_dir: Path, index_dir: Path, augmented_dir: Path, *, c
         embed, dim = (None, int(config["clip_dim"])) if config.get("clip") else _embed_from_raw(
             Path(config["raw_dir"]), identity)
         with tqdm(desc="documents", unit="doc", disable=not progress) as bar:
-            store = write_doc_store(index_dir / DOCS_DIR, [raw_shards.parquet_path(tokens_dir, s) for s in shards],
+            store = write_doc_store(index_dir / DOCS_DIR, [parquet_path(tokens_dir, s) for s in shards],
                                     tokens_per_image, dim, identity, embed_missing=embed, progress=bar.update)
         vectors = np.asarray(store.vectors, dtype=np.float32)
         metadata = {"clip": identity, "tokens_dir": str(tokens_dir.resolve()), "raw_dir": config.get("raw_dir"),
@@ -162,12 +163,12 @@ def run_build_index(tokens_dir: Path, index_dir: Path, augmented_dir: Path, *, c
     index_info = VectorIndex.load(index_dir / FAISS_DIR).info
     index_seconds = time.time() - started
 
-    done = set(raw_shards.complete_shards(augmented_dir)) if augmented_dir.exists() else set()
+    done = set(complete_shards(augmented_dir)) if augmented_dir.exists() else set()
     augmented_dir.mkdir(parents=True, exist_ok=True)
-    raw_shards.clear_staging(augmented_dir)
-    expected = {s: pq.ParquetFile(raw_shards.parquet_path(tokens_dir, s)).metadata.num_rows
+    clear_staging(augmented_dir)
+    expected = {s: pq.ParquetFile(parquet_path(tokens_dir, s)).metadata.num_rows
                 for s in shards if s not in done}
-    token_schema = pq.read_schema(raw_shards.parquet_path(tokens_dir, shards[0]))
+    token_schema = pq.read_schema(parquet_path(tokens_dir, shards[0]))
     assembler = ShardAssembler(augmented_dir, expected, augmented_schema(token_schema, tokens_per_image),
                                {"retrieval": asdict(settings.retrieval)})
     for shard_id in [s for s, count in expected.items() if count == 0]:
@@ -177,7 +178,7 @@ def run_build_index(tokens_dir: Path, index_dir: Path, augmented_dir: Path, *, c
     if pending:
         actors = actors or max(1, int(ray.cluster_resources().get("CPU", 1) // 2))
         # One block per token shard, so augmented shards commit as they finish (see run_tokenize).
-        dataset = ray.data.read_parquet([str(raw_shards.parquet_path(tokens_dir, s)) for s in pending],
+        dataset = ray.data.read_parquet([str(parquet_path(tokens_dir, s)) for s in pending],
                                         override_num_blocks=len(pending)).map_batches(
             RetrieveBatch,
             fn_constructor_kwargs={"index_dir": str(index_dir.resolve()), "settings": settings.retrieval,
@@ -187,7 +188,7 @@ def run_build_index(tokens_dir: Path, index_dir: Path, augmented_dir: Path, *, c
         with tqdm(total=sum(expected[s] for s in pending), desc="retrieve", unit="doc", disable=not progress) as bar:
             for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
                 bar.update(assembler.add(batch))
-    raw_shards.clear_staging(augmented_dir)
+    clear_staging(augmented_dir)
     if assembler.missing():
         raise RuntimeError(f"build-index: shards {assembler.missing()} did not receive all their rows; run again")
     report = {
@@ -200,7 +201,7 @@ def run_build_index(tokens_dir: Path, index_dir: Path, augmented_dir: Path, *, c
         "retrieval_seconds": round(time.time() - retrieval_started, 2),
         "retrieval": asdict(settings.retrieval),
     }
-    raw_shards.write_json_atomic(index_dir / REPORT_FILE, report)
+    write_json(index_dir / REPORT_FILE, report)
     return report
 
 

@@ -17,14 +17,14 @@ workers open with ``mmap_mode="r"``: only the pages of the rows they touch are r
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from cm3.core.files import atomic_folder
 
 STORE_FILE = "store.json"
 
@@ -66,9 +66,14 @@ def write_doc_store(folder: Path, shards: list[Path], tokens_per_image: int, dim
     Rows whose shard has no CLIP columns get vectors from ``embed_missing(table) -> (image, text)``.
     """
     folder = Path(folder)
-    staging = folder.with_name(folder.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
+    with atomic_folder(folder) as staging:
+        _write_store(staging, shards, tokens_per_image, dim, identity, embed_missing, progress)
+    return DocStore(folder)
+
+
+def _write_store(staging: Path, shards: list[Path], tokens_per_image: int, dim: int, identity: dict,
+                 embed_missing: Callable[[pa.Table], tuple[np.ndarray, np.ndarray]] | None,
+                 progress: Callable[[int], None] | None) -> None:
     counts = [pq.ParquetFile(path).metadata.num_rows for path in shards]
     n = sum(counts)
     image_ids = np.lib.format.open_memmap(staging / "image_ids.npy", "w+", np.int16, (n, tokens_per_image))
@@ -114,9 +119,6 @@ def write_doc_store(folder: Path, shards: list[Path], tokens_per_image: int, dim
     pq.write_table(pa.concat_tables(documents), staging / "documents.parquet")
     meta = {"n": n, "tokens_per_image": tokens_per_image, "dim": dim, "clip": identity}
     (staging / STORE_FILE).write_text(json.dumps(meta, indent=2))
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(staging, folder)
-    return DocStore(folder)
 
 
 def _matrix(column: pa.ChunkedArray, dim: int) -> np.ndarray:

@@ -22,6 +22,8 @@ from typing import Any
 import faiss
 import numpy as np
 
+from cm3.core.files import atomic_write
+
 METRIC = faiss.METRIC_INNER_PRODUCT
 DEFAULT_MEMORY_BUDGET = 8 * 2**30
 INDEX_FILE, IDS_FILE, META_FILE = "index.faiss", "ids.npy", "index.json"
@@ -213,7 +215,7 @@ class VectorIndex:
         return scores, ids
 
     def save(self, folder: str | os.PathLike) -> Path:
-        """Write index.faiss, ids.npy, then index.json; each via a temp name and os.replace, JSON last.
+        """Write index.faiss, ids.npy, then index.json, each atomically (``atomic_write``), JSON last.
 
         index.json is the commit marker: it is removed first, so a crash mid-save leaves a folder that
         ``load`` refuses rather than a JSON describing files that are not (yet) there.
@@ -221,16 +223,10 @@ class VectorIndex:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         (folder / META_FILE).unlink(missing_ok=True)
-        tmp = f".tmp-{os.getpid()}"
-        faiss.write_index(self.index, str(folder / (INDEX_FILE + tmp)))
-        with open(folder / (IDS_FILE + tmp), "wb") as f:
-            np.save(f, np.asarray(self.ids, dtype=np.int64))
+        atomic_write(folder / INDEX_FILE, lambda staged: faiss.write_index(self.index, str(staged)))
+        atomic_write(folder / IDS_FILE, lambda staged: np.save(staged, np.asarray(self.ids, dtype=np.int64)))
         record = {"format_version": FORMAT_VERSION, **self.info, "metadata": self.metadata}
-        with open(folder / (META_FILE + tmp), "w") as f:
-            json.dump(record, f, indent=2)
-        for name in (INDEX_FILE, IDS_FILE, META_FILE):
-            _fsync(folder / (name + tmp))
-            os.replace(folder / (name + tmp), folder / name)
+        atomic_write(folder / META_FILE, json.dumps(record, indent=2))
         return folder
 
     @classmethod
@@ -250,11 +246,6 @@ class VectorIndex:
             raise ValueError(f"{folder}: index.faiss ({index.ntotal} x {index.d}) does not match ids.npy"
                              f" ({len(ids)}) / index.json (dim {record['dim']})")
         return cls(index, ids, record, metadata)
-
-
-def _fsync(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
 
 
 def _read_index(path: Path, mmap: bool) -> faiss.Index:

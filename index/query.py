@@ -14,7 +14,7 @@ class Retriever:
     """Opens an index folder (``cm3 build-index --index``) with the CLIP model that built it."""
 
     def __init__(self, index_dir: Path, settings: RetrievalSettings = RetrievalSettings()):
-        from cm3.index.clip_embedder import ClipEmbedder
+        from cm3.tokenizers.clip_embedder import ClipEmbedder
 
         self.index, self.store, identity = load_for_search(Path(index_dir))
         self.embedder = ClipEmbedder(identity["model_name"], identity["pretrained"])

@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
+from cm3.core.files import atomic_folder
 from cm3.model.decoder import CM3
 from cm3.tokenizers.multimodal import MultimodalTokenizer
 
@@ -27,26 +26,15 @@ TOKENIZER_DIR = "tokenizer"
 
 def save_checkpoint(directory: str | os.PathLike, model: CM3, tokenizer: MultimodalTokenizer,
                     info: dict | None = None) -> Path:
-    """Write into a staging folder beside ``directory`` and rename it into place (all or nothing)."""
+    """Write the whole folder at once (``atomic_folder``): ``directory`` holds the old checkpoint or the new one."""
     if model.config.vocab_size != tokenizer.vocab.size:
         raise ValueError(f"model vocab_size {model.config.vocab_size} != tokenizer vocabulary size "
                          f"{tokenizer.vocab.size}")
     target = Path(directory)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.saving-", dir=target.parent))
-    try:
+    with atomic_folder(target) as staging:
         model.save_pretrained(staging)
         tokenizer.save(staging / TOKENIZER_DIR)
         (staging / MARKER).write_text(json.dumps({"format_version": 1, **(info or {})}, indent=2) + "\n")
-        if target.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-            os.replace(target, old / target.name)
-            os.replace(staging, target)
-            shutil.rmtree(old)
-        else:
-            os.replace(staging, target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return target
 
 

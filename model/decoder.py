@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from cm3.core.files import atomic_write
 from cm3.tokenizers.vocabulary import Vocabulary
 
 from .config import CM3Config
@@ -278,14 +279,13 @@ class CM3(nn.Module):
         return KVCache(batch, max_len or c.max_seq_len, c.n_layers, c.n_heads, c.head_dim, weight.dtype, weight.device)
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
-        """Write model.safetensors then config.json, each via a temp name + os.replace: a directory with a
-        config.json always holds complete weights."""
+        """Write model.safetensors then config.json, each atomically: a directory with a config.json always holds
+        complete weights."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         tensors = {name: t.detach().contiguous() for name, t in self.state_dict().items()}
-        _atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-        text = json.dumps(self.config.to_dict(), indent=2)
-        _atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
+        atomic_write(directory / WEIGHTS_NAME, lambda staged: save_file(tensors, staged, metadata={"format": "pt"}))
+        atomic_write(directory / CONFIG_NAME, json.dumps(self.config.to_dict(), indent=2))
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, *, device: torch.device | str = "cpu",
@@ -303,12 +303,3 @@ class CM3(nn.Module):
             model = cls(config)
         model.load_state_dict(load_file(directory / WEIGHTS_NAME, device=str(device)), assign=True)
         return model if dtype is None else model.to(dtype)
-
-
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(str(tmp))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)

@@ -26,6 +26,7 @@ import torch
 from numpy.typing import ArrayLike
 
 from cm3.model.decoder import CM3
+from cm3.tokenizers import layout
 from cm3.tokenizers.multimodal import MultimodalTokenizer
 from cm3.tokenizers.vocabulary import Vocabulary
 
@@ -125,15 +126,12 @@ def next_image_token(cond: torch.Tensor, uncond: torch.Tensor, sampling: Samplin
 
 def image_prompt(vocab: Vocabulary, caption_ids: Sequence[int], retrieved: Sequence[Sequence[int]] = ()) -> list[int]:
     """`<eod> [doc <break>]* caption <break>`: the conditional text-to-image prompt (joint ids)."""
-    ids = [vocab.eod]
-    for doc in retrieved:
-        ids += [*doc, vocab.break_]
-    return ids + [*caption_ids, vocab.break_]
+    return layout.image_prompt(vocab, caption_ids, retrieved)
 
 
 def unconditional_prompt(vocab: Vocabulary) -> list[int]:
     """`<eod> <mask:0> <break>`: the prompt text replaced by the CM3 mask token, as in the paper's CFG."""
-    return [vocab.eod, vocab.sentinel(0), vocab.break_]
+    return layout.unconditional_prompt(vocab)
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad: int, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -301,7 +299,7 @@ def caption_image(model: CM3, tokenizer: MultimodalTokenizer, images: torch.Tens
     vocab = tokenizer.vocab
     image_ids = tokenizer.encode_image(images).tolist()
     tail = tokenizer.encode_caption(question) if question else []
-    prompts = [[vocab.eod, *row, vocab.break_, *tail] for row in image_ids]
+    prompts = [layout.caption_prompt(vocab, row, tail) for row in image_ids]
     answers = generate_text(model, vocab, prompts, max_new_tokens, sampling)
     return [tokenizer.decode_text(ids) for ids in answers]
 

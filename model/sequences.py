@@ -1,6 +1,6 @@
 """Training sequences from token shards: retrieved documents first, the CM3 transform, packing.
 
-One example, in the paper's layout (metaseq ``_tokenize_ra_json``):
+One example is laid out by ``cm3.tokenizers.layout.pretraining_example`` (metaseq ``_tokenize_ra_json``):
 
     <eod> [retrieved: text <break> IMG <break>]* main document <eod>
 
@@ -25,7 +25,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from cm3.model.objective import cm3_transform
-from cm3.tokenizers.vocabulary import Vocabulary, encode_document
+from cm3.tokenizers.layout import pretraining_example
+from cm3.tokenizers.vocabulary import Vocabulary
 
 
 @dataclass(frozen=True)
@@ -58,20 +59,21 @@ def example_ids(row: dict, vocab: Vocabulary, config: SequenceConfig, rng: np.ra
     (VQ codes) and optionally ``neighbour_text_ids`` / ``neighbour_image_ids`` (retrieved documents)."""
     k = int(rng.integers(config.retrieved_min, config.retrieved_max + 1))
     neighbours = list(zip(row.get("neighbour_text_ids") or [], row.get("neighbour_image_ids") or []))[:k]
-    ids = [vocab.eod]
-    for text, codes in neighbours:
-        ids += encode_document(vocab, vocab.text_ids(text), np.asarray(codes), order="caption_first")
-        ids.append(vocab.break_)
     order = "image_first" if rng.random() < config.image_first else "caption_first"
-    ids += encode_document(vocab, vocab.text_ids(row["text_ids"]), np.asarray(row["image_ids"]), order=order)
-    ids.append(vocab.eod)
-    return ids
+    retrieved = [(vocab.text_ids(text), np.asarray(codes)) for text, codes in neighbours]
+    return pretraining_example(vocab, vocab.text_ids(row["text_ids"]), np.asarray(row["image_ids"]), order, retrieved)
 
 
 def transformed_example(row: dict, vocab: Vocabulary, config: SequenceConfig,
                         rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """(ids, weights of predicting ids[1:]) for one example, cut to fit one window."""
-    ids = example_ids(row, vocab, config, rng)
+    """(ids, weights of predicting ids[1:]) for one document row (``example_ids``), cut to fit one window."""
+    return transform(example_ids(row, vocab, config, rng), vocab, config, rng)
+
+
+def transform(ids: list[int], vocab: Vocabulary, config: SequenceConfig,
+              rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, weights of predicting ids[1:]) of a laid-out example after the CM3 transform (none when
+    ``config.cm3`` is False), cut to fit one window."""
     if config.cm3:
         transformed = cm3_transform(ids, vocab, rng, config.seq_len + 1, poisson_lambda=config.poisson_lambda)
         return transformed.ids, transformed.loss_weights

@@ -7,10 +7,11 @@ were trained but lost with the killed process) are dropped, so each step appears
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from PIL import Image, ImageDraw
+
+from cm3.core.files import atomic_write
 
 METRICS_FILE = "metrics.jsonl"
 DASHBOARD_METRICS = ("loss", "text_loss", "image_loss", "tokens_per_s", "lr", "grad_norm", "mfu")
@@ -30,9 +31,7 @@ class MetricsLog:
 
     def _truncate(self, step: int) -> None:
         kept = [line for line in read_metrics(self.path) if line["step"] <= step]
-        tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
-        tmp.write_text("".join(json.dumps(line) + "\n" for line in kept))
-        os.replace(tmp, self.path)
+        atomic_write(self.path, "".join(json.dumps(line) + "\n" for line in kept))
 
     def write(self, record: dict) -> None:
         self._file.write(json.dumps(record) + "\n")

@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,10 +22,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cm3.core.files import atomic_write
+from cm3.core.schedule import warmup_then_decay
 from cm3.model.config import CM3Config, num_parameters
 from cm3.model.decoder import CM3
-from cm3.model.objective import cm3_transform
-from cm3.model.sequences import Packed, SequenceConfig, pack, transformed_example
+from cm3.model.sequences import Packed, SequenceConfig, pack, transform, transformed_example
 from cm3.tokenizers.vocabulary import Vocabulary
 
 STATE_FILE = "train_state.json"  # written last: a checkpoint folder without it is incomplete
@@ -53,13 +53,7 @@ def row_example(row: dict, vocab: Vocabulary, config: SequenceConfig,
     """(ids, weights) for one row: an SFT row's laid-out `ids` as they are, a document row via `example_ids`
     (retrieved documents first); then the CM3 transform, cut to one window."""
     ids = row.get("ids")
-    if ids is None:
-        return transformed_example(row, vocab, config, rng)
-    if config.cm3:
-        transformed = cm3_transform(ids, vocab, rng, config.seq_len + 1, poisson_lambda=config.poisson_lambda)
-        return transformed.ids, transformed.loss_weights
-    ids = np.asarray(ids[: config.seq_len + 1], dtype=np.int64)
-    return ids, np.ones(len(ids) - 1, dtype=np.float32)
+    return transformed_example(row, vocab, config, rng) if ids is None else transform(ids, vocab, config, rng)
 
 
 def packed_windows(rows_of_epoch: Callable[[int], Iterable[dict]], vocab: Vocabulary, config: SequenceConfig,
@@ -118,11 +112,8 @@ def warmup_for(config: CM3Config, total_steps: int) -> int:
 
 def learning_rate(step: int, config: CM3Config, total_steps: int) -> float:
     """Linear warm-up to `lr`, then linear decay to `lr * min_lr_ratio` at `total_steps` (metaseq's schedule)."""
-    warmup = warmup_for(config, total_steps)
-    if step < warmup:
-        return config.lr * (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
-    return config.lr * (1.0 - (1.0 - config.min_lr_ratio) * progress)
+    return config.lr * warmup_then_decay(step, total_steps, warmup_for(config, total_steps), "linear",
+                                         config.min_lr_ratio)
 
 
 def grad_accumulation(batch_tokens: int, micro_batch: int, seq_len: int, world: int) -> int:
@@ -242,9 +233,7 @@ def save_train_checkpoint(directory: Path, model_state: dict[str, torch.Tensor],
     model.load_state_dict(model_state, assign=True)
     model.save_pretrained(directory)
     torch.save(optimizer_state, directory / OPTIMIZER_FILE)
-    tmp = directory / f".{STATE_FILE}.tmp-{os.getpid()}"
-    tmp.write_text(state.to_json())
-    os.replace(tmp, directory / STATE_FILE)
+    atomic_write(directory / STATE_FILE, state.to_json())
 
 
 def load_train_checkpoint(directory: Path) -> tuple[CM3, dict, TrainState]:

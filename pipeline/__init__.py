@@ -1,1 +1,1 @@
-"""Ingest: URL-list readers, the img2dataset download on Ray, raw shards and their stats."""
+"""Data: ingest (URL lists, the img2dataset download on Ray, raw shards), the tokenize stage, SFT task formats."""

@@ -7,9 +7,18 @@ stats) and changes the orchestration around them:
 
 - the URL list is streamed chunk by chunk, and at most ``processes`` shards are in flight;
 - each try of a shard writes into its own staging folder and is committed atomically
-  (``raw_shards.commit_shard``), so a rerun after a kill skips exactly the complete shards;
+  (``commit_shard``), so a rerun after a kill skips exactly the complete shards;
 - Ray retries a failed shard task (``max_shard_retry``), and ``retry_failed`` re-downloads only
   the rows that failed in complete shards, rewriting those shards in place atomically.
+
+Raw-shard folder of ``cm3 ingest --out DIR`` (img2dataset's parquet layout, committed as ``cm3.core.shards`` says):
+
+    DIR/00000.parquet         one row per input URL: key, url, caption, txt, jpg (bytes, null on failure),
+                              status, error_message, width, height, original_width, original_height, sha256
+    DIR/00000_stats.json      img2dataset's per-shard stats (count, successes, status_dict, ...)
+    DIR/ingest_config.json    what produced the folder (input fingerprint, shard size, resize settings)
+    DIR/ingest_summary.json   totals over every complete shard (success rate, failures by reason, images/s)
+    DIR/_tmp/                 work in progress; never read
 """
 
 from __future__ import annotations
@@ -26,12 +35,26 @@ import pyarrow.parquet as pq
 import ray
 from tqdm import tqdm
 
-from cm3.pipeline import raw_shards
+from cm3.core.errors import InputError
+from cm3.core.files import read_json, write_json
+from cm3.core.shards import (
+    SHARD_DIGITS,
+    clear_staging,
+    commit_shard,
+    complete_shards,
+    new_attempt_dir,
+    parquet_path,
+    read_stats,
+    shard_name,
+    stats_path,
+)
 from cm3.pipeline.image_checks import GuardedResizer
 from cm3.pipeline.summary import summarise
-from cm3.pipeline.url_list import InputError, UrlListSpec, iter_chunks
+from cm3.pipeline.url_list import UrlListSpec, iter_chunks
 
 COLUMNS = ["caption", "url"]  # the order img2dataset's reader hands columns to its downloader
+CONFIG_FILE = "ingest_config.json"
+SUMMARY_FILE = "ingest_summary.json"
 
 
 @dataclass(frozen=True)
@@ -94,7 +117,7 @@ def _make_downloader(settings: DownloadSettings, output_folder: Path):
         column_list=COLUMNS,
         timeout=settings.timeout,
         number_sample_per_shard=settings.shard_rows,
-        oom_shard_count=raw_shards.SHARD_DIGITS,
+        oom_shard_count=SHARD_DIGITS,
         compute_hash=settings.compute_hash,
         verify_hash_type=None,
         encode_format=settings.encode_format,
@@ -112,16 +135,16 @@ def _download_into(attempt_dir: Path, shard_id: int, table: pa.Table, settings: 
         writer.write_table(table)
     ok, _ = _make_downloader(settings, attempt_dir)((shard_id, str(staged_input)))
     if not ok:
-        raise RuntimeError(f"shard {raw_shards.shard_name(shard_id)}: img2dataset's downloader failed (see logs)")
+        raise RuntimeError(f"shard {shard_name(shard_id)}: img2dataset's downloader failed (see logs)")
 
 
 def download_shard(out_dir: str, shard_id: int, table: pa.Table, settings: DownloadSettings) -> dict:
     """Download one shard into staging and commit it; returns its stats."""
     out = Path(out_dir)
-    attempt_dir = raw_shards.new_attempt_dir(out, shard_id)
+    attempt_dir = new_attempt_dir(out, shard_id)
     _download_into(attempt_dir, shard_id, table, settings)
-    raw_shards.commit_shard(attempt_dir, out, shard_id)
-    return {**raw_shards.read_stats(out, shard_id), "node_id": ray.get_runtime_context().get_node_id()}
+    commit_shard(attempt_dir, out, shard_id)
+    return {**read_stats(out, shard_id), "node_id": ray.get_runtime_context().get_node_id()}
 
 
 def retry_failed_rows(out_dir: str, shard_id: int, settings: DownloadSettings) -> dict:
@@ -130,22 +153,22 @@ def retry_failed_rows(out_dir: str, shard_id: int, settings: DownloadSettings) -
     Rows keep their keys and order; a row that fails again keeps its newest error message.
     """
     out = Path(out_dir)
-    original = pq.read_table(raw_shards.parquet_path(out, shard_id))
+    original = pq.read_table(parquet_path(out, shard_id))
     statuses = original.column("status").to_pylist()
     failed_rows = [i for i, status in enumerate(statuses) if status != "success"]
     if not failed_rows:
-        return {**raw_shards.read_stats(out, shard_id), "node_id": ray.get_runtime_context().get_node_id()}
-    attempt_dir = raw_shards.new_attempt_dir(out, shard_id)
+        return {**read_stats(out, shard_id), "node_id": ray.get_runtime_context().get_node_id()}
+    attempt_dir = new_attempt_dir(out, shard_id)
     started = time.time()
     _download_into(attempt_dir, shard_id, original.take(failed_rows), settings)
-    retried = pq.read_table(attempt_dir / raw_shards.parquet_path(out, shard_id).name).cast(original.schema)
+    retried = pq.read_table(attempt_dir / parquet_path(out, shard_id).name).cast(original.schema)
 
     # img2dataset keys a row by its position in the table it was given: map back to the original rows.
     from img2dataset.downloader import compute_key
 
     digits = _oom_sample_per_shard(settings)
     position_of_key = {
-        compute_key(i, shard_id, digits, raw_shards.SHARD_DIGITS): row for i, row in enumerate(failed_rows)
+        compute_key(i, shard_id, digits, SHARD_DIGITS): row for i, row in enumerate(failed_rows)
     }
     replacement = {position_of_key[key]: i for i, key in enumerate(retried.column("key").to_pylist())}
     both = pa.concat_tables([original, retried])
@@ -153,12 +176,12 @@ def retry_failed_rows(out_dir: str, shard_id: int, settings: DownloadSettings) -
                         for i in range(original.num_rows)])
     merged = merged.set_column(merged.schema.get_field_index("key"), "key", original.column("key"))
 
-    shard_file = attempt_dir / raw_shards.parquet_path(out, shard_id).name
+    shard_file = attempt_dir / parquet_path(out, shard_id).name
     pq.write_table(merged, shard_file)
-    previous = raw_shards.read_stats(out, shard_id)
+    previous = read_stats(out, shard_id)
     stats = _stats_from_table(merged, started, previous)
-    raw_shards.write_json_atomic(attempt_dir / raw_shards.stats_path(out, shard_id).name, stats)
-    raw_shards.commit_shard(attempt_dir, out, shard_id)
+    write_json(attempt_dir / stats_path(out, shard_id).name, stats)
+    commit_shard(attempt_dir, out, shard_id)
     return {**stats, "node_id": ray.get_runtime_context().get_node_id()}
 
 
@@ -189,10 +212,10 @@ def check_output_folder(out_dir: Path, spec: UrlListSpec, settings: DownloadSett
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise InputError(f"{out_dir}: exists and is not a folder")
-    path = out_dir / raw_shards.CONFIG_FILE
+    path = out_dir / CONFIG_FILE
     if not path.exists():
         return
-    previous, config = raw_shards.read_json(path), _folder_config(spec, settings)
+    previous, config = read_json(path), _folder_config(spec, settings)
     changed = sorted(
         f"{part}.{key}"
         for part in config
@@ -223,9 +246,9 @@ def run_download(
     out_dir = Path(out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     check_output_folder(out_dir, spec, settings)
-    raw_shards.write_json_atomic(out_dir / raw_shards.CONFIG_FILE, _folder_config(spec, settings))
-    raw_shards.clear_staging(out_dir)
-    done = set(raw_shards.complete_shards(out_dir))
+    write_json(out_dir / CONFIG_FILE, _folder_config(spec, settings))
+    clear_staging(out_dir)
+    done = set(complete_shards(out_dir))
     task_options = dict(num_cpus=cpus_per_task, max_retries=max_shard_retry, retry_exceptions=True)
     download_task = ray.remote(download_shard).options(**task_options)
     retry_task = ray.remote(retry_failed_rows).options(**task_options)
@@ -256,7 +279,7 @@ def run_download(
 
     if retry_failed:
         for shard_id in sorted(done):
-            stats = raw_shards.read_stats(out_dir, shard_id)
+            stats = read_stats(out_dir, shard_id)
             if stats["successes"] < stats["count"]:
                 drain(processes - 1)
                 pending[retry_task.remote(str(out_dir), shard_id, settings)] = ("retry", shard_id)
@@ -268,7 +291,7 @@ def run_download(
         pending[download_task.remote(str(out_dir), shard_id, chunk, settings)] = ("download", shard_id)
     drain(0)
     bar.close()
-    raw_shards.clear_staging(out_dir)
+    clear_staging(out_dir)
 
     wall = time.time() - started
     result.summary = summarise(out_dir)
@@ -276,12 +299,12 @@ def run_download(
         "shards_written": len(result.shards_written),
         "shards_retried": len(result.shards_retried),
         "shards_skipped_complete": len(done),
-        "shards_failed": {raw_shards.shard_name(k): v for k, v in sorted(result.shards_failed.items())},
+        "shards_failed": {shard_name(k): v for k, v in sorted(result.shards_failed.items())},
         "successes": successes_this_run,
         "shards_by_ray_node": dict(shards_by_node),
         "wall_seconds": round(wall, 3),
         "images_per_second": round(successes_this_run / wall, 2) if wall > 0 else 0.0,
         "settings": asdict(settings),
     }
-    raw_shards.write_json_atomic(out_dir / raw_shards.SUMMARY_FILE, result.summary)
+    write_json(out_dir / SUMMARY_FILE, result.summary)
     return result

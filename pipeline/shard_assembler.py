@@ -2,7 +2,7 @@
 
 Ray Data hands batches back in any order and any size; a stage that must keep "one output shard
 per input shard" (resume per shard, same numbering) collects rows here until every row of a
-source shard came back, then commits that shard through ``raw_shards`` (staging + os.replace,
+source shard came back, then commits that shard through ``cm3.core.shards`` (staging, parquet,
 stats file last). Rows with an ``error`` are counted by reason and left out.
 """
 
@@ -15,7 +15,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from cm3.pipeline import raw_shards
+from cm3.core.files import write_json
+from cm3.core.shards import commit_shard, new_attempt_dir, parquet_path, stats_path
 
 
 class ShardAssembler:
@@ -46,11 +47,11 @@ class ShardAssembler:
         kept = sum(t.num_rows for t in rows)
         stats = {"count": self.expected[shard_id], "kept": kept, "skipped_by_reason": dict(self.reasons[shard_id]),
                  **self.stats_extra}
-        attempt = raw_shards.new_attempt_dir(self.out_dir, shard_id)
+        attempt = new_attempt_dir(self.out_dir, shard_id)
         table = pa.concat_tables(rows).select(self.schema.names).cast(self.schema) if rows else self.schema.empty_table()
-        pq.write_table(table.sort_by("key"), attempt / raw_shards.parquet_path(self.out_dir, shard_id).name)
-        raw_shards.write_json_atomic(attempt / raw_shards.stats_path(self.out_dir, shard_id).name, stats)
-        raw_shards.commit_shard(attempt, self.out_dir, shard_id)
+        pq.write_table(table.sort_by("key"), attempt / parquet_path(self.out_dir, shard_id).name)
+        write_json(attempt / stats_path(self.out_dir, shard_id).name, stats)
+        commit_shard(attempt, self.out_dir, shard_id)
         self.written.append(shard_id)
         self.kept += kept
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-from cm3.pipeline import raw_shards
+from cm3.core.shards import complete_shards, read_stats
 from cm3.pipeline.image_checks import failure_reason
 
 
@@ -14,9 +14,9 @@ def summarise(out_dir: Path) -> dict:
     totals = Counter()
     by_reason: Counter = Counter()
     by_message: Counter = Counter()
-    shards = raw_shards.complete_shards(out_dir)
+    shards = complete_shards(out_dir)
     for shard_id in shards:
-        stats = raw_shards.read_stats(out_dir, shard_id)
+        stats = read_stats(out_dir, shard_id)
         for name in ("count", "successes", "failed_to_download", "failed_to_resize"):
             totals[name] += int(stats.get(name, 0))
         for message, n in stats.get("status_dict", {}).items():

@@ -16,7 +16,6 @@ own ids; ``Vocabulary`` maps them into the decoder's joint id space.
 from __future__ import annotations
 
 import hashlib
-import io
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,9 +24,10 @@ import numpy as np
 import pyarrow as pa
 from tqdm import tqdm
 
-from cm3.pipeline import raw_shards
+from cm3.core.errors import InputError
+from cm3.core.files import read_json, write_json
+from cm3.core.shards import clear_staging, complete_shards, parquet_path, read_stats
 from cm3.pipeline.shard_assembler import ShardAssembler
-from cm3.pipeline.url_list import InputError
 
 CONFIG_FILE = "tokenize_config.json"
 RAW_COLUMNS = ["key", "url", "caption", "jpg", "status"]
@@ -83,33 +83,37 @@ class TokenizeBatch:
         self.resolution = self.tokenizer.vq.config.resolution
         self.clip = None
         if clip is not None:
-            from cm3.index.clip_embedder import ClipEmbedder
+            from cm3.tokenizers.clip_embedder import ClipEmbedder
 
             self.clip = ClipEmbedder(clip["model_name"], clip["pretrained"], device=device)
 
     def _decode(self, jpg: bytes | None) -> tuple[np.ndarray | None, str | None]:
-        from PIL import Image, UnidentifiedImageError
+        """The raw shard's pixels; cm3 ingest wrote them at the tokenizer's resolution, anything else is refused."""
+        from PIL import UnidentifiedImageError
+
+        from cm3.core.images import decode, rgb_pixels
 
         if jpg is None:
             return None, "not downloaded"
         try:
-            with Image.open(io.BytesIO(jpg)) as image:
-                image = image.convert("RGB")
-                if image.size != (self.resolution, self.resolution):
-                    return None, f"image is {image.size[0]}x{image.size[1]}, expected {self.resolution}x{self.resolution}"
-                return np.asarray(image), None
+            image = decode(jpg)
+            if image.size != (self.resolution, self.resolution):
+                return None, f"image is {image.size[0]}x{image.size[1]}, expected {self.resolution}x{self.resolution}"
+            return rgb_pixels(image), None
         except (UnidentifiedImageError, OSError, ValueError) as err:
             return None, f"undecodable image: {type(err).__name__}"
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         import torch
 
+        from cm3.core.images import to_float
+
         decoded = [self._decode(jpg) for jpg in batch.column("jpg").to_pylist()]
         good = [i for i, (pixels, _) in enumerate(decoded) if pixels is not None]
         codes: dict[int, np.ndarray] = {}
         if good:
             pixels = torch.from_numpy(np.stack([decoded[i][0] for i in good])).to(self.device)
-            images = pixels.permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+            images = to_float(pixels.permute(0, 3, 1, 2))
             flat = self.tokenizer.vq.encode(images).reshape(len(good), -1).cpu().numpy().astype(np.int16)
             codes = dict(zip(good, flat))
         captions = [c or "" for c in batch.column("caption").to_pylist()]
@@ -146,7 +150,7 @@ def _check_folder(tokens_dir: Path, config: dict) -> None:
     """Token shards in one folder share one tokenizer and one CLIP model; refuse to mix."""
     path = tokens_dir / CONFIG_FILE
     if path.exists():
-        previous = raw_shards.read_json(path)
+        previous = read_json(path)
         if previous.get("tokenizer_sha256") != config["tokenizer_sha256"]:
             raise InputError(
                 f"{tokens_dir}: holds token shards from another tokenizer (tokenizer_sha256 "
@@ -157,14 +161,14 @@ def _check_folder(tokens_dir: Path, config: dict) -> None:
             raise InputError(f"{tokens_dir}: holds token shards with CLIP {previous.get('clip')}, not "
                              f"{config['clip']}; choose another --out")
     tokens_dir.mkdir(parents=True, exist_ok=True)
-    raw_shards.write_json_atomic(path, config)
+    write_json(path, config)
 
 
 def read_tokens_config(tokens_dir: Path) -> dict:
     path = Path(tokens_dir) / CONFIG_FILE
     if not path.exists():
         raise InputError(f"{tokens_dir}: not a token shard folder ({CONFIG_FILE} is missing); run cm3 tokenize")
-    return raw_shards.read_json(path)
+    return read_json(path)
 
 
 def check_tokenizer_folder(tokenizer_dir: Path) -> None:
@@ -177,7 +181,7 @@ def check_tokenize_inputs(raw_dir: Path, tokenizer_dir: Path) -> list[int]:
     """Validate before any work; returns the complete raw shard ids."""
     if not Path(raw_dir).is_dir():
         raise InputError(f"{raw_dir}: no such folder of raw shards")
-    shards = raw_shards.complete_shards(Path(raw_dir))
+    shards = complete_shards(Path(raw_dir))
     if not shards:
         raise InputError(f"{raw_dir}: no complete raw shards (NNNNN.parquet with NNNNN_stats.json); run cm3 ingest")
     check_tokenizer_folder(tokenizer_dir)
@@ -201,15 +205,15 @@ def run_tokenize(raw_dir: Path, tokens_dir: Path, tokenizer_dir: Path, *, clip: 
     tokens_per_image = MultimodalTokenizer.load(tokenizer_dir).tokens_per_image
     clip_dim = None
     if clip is not None:
-        from cm3.index.clip_embedder import ClipEmbedder
+        from cm3.tokenizers.clip_embedder import ClipEmbedder
 
         clip_dim = ClipEmbedder(clip["model_name"], clip["pretrained"]).dim  # fails here, early, on a bad model
     _check_folder(tokens_dir, {"tokenizer_sha256": tokenizer_fingerprint(tokenizer_dir),
                                "tokens_per_image": tokens_per_image, "clip": clip, "clip_dim": clip_dim,
                                "raw_dir": str(raw_dir.resolve())})
-    raw_shards.clear_staging(tokens_dir)
-    done = set(raw_shards.complete_shards(tokens_dir))
-    expected = {s: raw_shards.read_stats(raw_dir, s)["count"] for s in shards if s not in done}
+    clear_staging(tokens_dir)
+    done = set(complete_shards(tokens_dir))
+    expected = {s: read_stats(raw_dir, s)["count"] for s in shards if s not in done}
     assembler = ShardAssembler(tokens_dir, expected, token_schema(tokens_per_image, clip_dim),
                                {"tokens_per_image": tokens_per_image})
     for shard_id in [s for s, count in expected.items() if count == 0]:  # nothing flows through Ray Data for these
@@ -224,7 +228,7 @@ def run_tokenize(raw_dir: Path, tokens_dir: Path, tokenizer_dir: Path, *, clip: 
         # One block per raw shard: otherwise Ray Data merges small files into one block, every token shard
         # arrives (and commits) at the very end, and a killed run has nothing to resume from.
         dataset = ray.data.read_parquet(
-            [str(raw_shards.parquet_path(raw_dir, s)) for s in pending], columns=RAW_COLUMNS, include_paths=True,
+            [str(parquet_path(raw_dir, s)) for s in pending], columns=RAW_COLUMNS, include_paths=True,
             override_num_blocks=len(pending),
         ).map_batches(
             TokenizeBatch,
@@ -241,7 +245,7 @@ def run_tokenize(raw_dir: Path, tokens_dir: Path, tokenizer_dir: Path, *, clip: 
                   dynamic_ncols=True) as bar:
             for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
                 bar.update(assembler.add(batch))
-    raw_shards.clear_staging(tokens_dir)
+    clear_staging(tokens_dir)
     if assembler.missing():
         raise RuntimeError(f"tokenize: shards {assembler.missing()} did not receive all their rows; run again")
     return TokenizeResult(shards_written=assembler.written, shards_skipped_complete=len(done),

@@ -19,6 +19,8 @@ import pyarrow as pa
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
+from cm3.core.errors import InputError
+
 FORMATS = ("parquet", "csv", "tsv", "jsonl", "txt")
 _SUFFIX_TO_FORMAT = {
     ".parquet": "parquet",
@@ -31,10 +33,6 @@ _SUFFIX_TO_FORMAT = {
 # Column names tried, in order, when the user does not name one (LAION uses URL/TEXT).
 URL_COLUMN_CANDIDATES = ("url", "URL", "image_url")
 CAPTION_COLUMN_CANDIDATES = ("caption", "TEXT", "text")
-
-
-class InputError(ValueError):
-    """Bad user input: the message names the file, row or field and what was expected."""
 
 
 @dataclass(frozen=True)

@@ -42,7 +42,7 @@ def torch_one_thread():
 
 @pytest.fixture(scope="session")
 def demo_server():
-    from cm3.workflows.demo.server import DemoDataServer
+    from cm3.synthetic.server import DemoDataServer
 
     server = DemoDataServer(n=400, seed=0, split="train", port=0, slow_seconds=4.0)
     server.start()

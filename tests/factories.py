@@ -8,11 +8,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from cm3.pipeline import raw_shards
+from cm3.core.files import write_json
+from cm3.core.shards import parquet_path, stats_path
+from cm3.synthetic.shapes import encode_jpeg, render, spec_for
 from cm3.tokenizers.multimodal import MultimodalTokenizer
 from cm3.tokenizers.text import TextTokenizer
 from cm3.tokenizers.vqgan import VQGAN, VQGANConfig
-from cm3.workflows.demo.shapes import encode_jpeg, render, spec_for
 
 TINY_F32 = dict(ch=32, ch_mult=(1, 2, 2, 2, 2, 2), num_res_blocks=1, attn_resolutions=(), z_channels=16,
                 embed_dim=16, n_embed=64)
@@ -33,8 +34,8 @@ def write_raw_shards(folder: Path, shards: int, rows: int, broken: dict[tuple[in
             captions.append(spec.caption)
         table = pa.table({"key": keys, "url": [f"http://127.0.0.1:9/{k}.jpg" for k in keys], "caption": captions,
                           "jpg": pa.array(jpgs, pa.binary()), "status": ["success"] * rows})
-        pq.write_table(table, raw_shards.parquet_path(folder, shard))
-        raw_shards.write_json_atomic(raw_shards.stats_path(folder, shard), {"count": rows, "successes": rows})
+        pq.write_table(table, parquet_path(folder, shard))
+        write_json(stats_path(folder, shard), {"count": rows, "successes": rows})
 
 
 def make_tokenizer(folder: Path, vq_config: dict, captions: list[str]) -> MultimodalTokenizer:
@@ -54,7 +55,7 @@ def save_random_clip(path: Path, model_name: str = "cm3-clip-tiny") -> dict:
     import open_clip
     from safetensors.torch import save_file
 
-    from cm3.index.clip_embedder import register_model_configs
+    from cm3.tokenizers.clip_embedder import register_model_configs
 
     register_model_configs()
     torch.manual_seed(0)

@@ -9,10 +9,10 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from cm3.core.shards import complete_shards, parquet_path
 from cm3.index.build import DOCS_DIR, FAISS_DIR
 from cm3.index.doc_store import DocStore
 from cm3.index.faiss_index import VectorIndex
-from cm3.pipeline import raw_shards
 
 from conftest import cm3
 from factories import TINY_F32, captions, make_tokenizer, save_random_clip, write_raw_shards
@@ -42,9 +42,9 @@ def test_augmented_shards_carry_filtered_neighbours_with_their_tokens(corpus, ra
     assert index.metadata["clip"] == clip and len(index) == 36
     store = DocStore(root / "index" / DOCS_DIR)
     tokens = {row["key"]: row for s in range(3)
-              for row in pq.read_table(raw_shards.parquet_path(root / "tokens", s)).to_pylist()}
-    rows = [row for s in raw_shards.complete_shards(root / "aug")
-            for row in pq.read_table(raw_shards.parquet_path(root / "aug", s)).to_pylist()]
+              for row in pq.read_table(parquet_path(root / "tokens", s)).to_pylist()}
+    rows = [row for s in complete_shards(root / "aug")
+            for row in pq.read_table(parquet_path(root / "aug", s)).to_pylist()]
     assert len(rows) == 36
     vectors = {key: np.asarray(store.vectors[i], np.float32)
                for i, key in enumerate(store.documents(["key"]).column("key").to_pylist())}

@@ -13,10 +13,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from cm3.index.clip_embedder import ClipEmbedder, normalise, register_model_configs
-from cm3.index.clip_training import CHECKPOINT_FILE, train_clip
-from cm3.pipeline import raw_shards
-from cm3.workflows.demo.shapes import encode_jpeg, render, spec_for
+from cm3.core.files import write_json
+from cm3.core.shards import parquet_path, stats_path
+from cm3.synthetic.shapes import encode_jpeg, render, spec_for
+from cm3.tokenizers.clip_embedder import ClipEmbedder, normalise, register_model_configs
+from cm3.tokenizers.clip_training import CHECKPOINT_FILE, train_clip
 
 MODEL = "cm3-clip-tiny"
 
@@ -34,9 +35,8 @@ def write_raw_shards(folder: Path, n: int, shards: int = 2) -> None:
             "jpg": pa.array([encode_jpeg(render(s)) for s in specs] + [None], pa.binary()),
             "status": ["success"] * per_shard + ["failed_to_download"],
         })
-        pq.write_table(table, raw_shards.parquet_path(folder, shard_id))
-        raw_shards.write_json_atomic(raw_shards.stats_path(folder, shard_id),
-                                     {"count": per_shard + 1, "successes": per_shard})
+        pq.write_table(table, parquet_path(folder, shard_id))
+        write_json(stats_path(folder, shard_id), {"count": per_shard + 1, "successes": per_shard})
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,6 @@ from cm3.model.config import PRESETS, CM3Config, num_parameters
 from cm3.model.decoder import CM3, KVCache, image_cells
 from cm3.model.objective import cm3_loss
 
-
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 

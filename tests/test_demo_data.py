@@ -22,9 +22,9 @@ import pytest
 import torch
 from PIL import Image
 
-from cm3.workflows.demo import shapes
-from cm3.workflows.demo.checker import read_attributes, score
-from cm3.workflows.demo.server import (
+from cm3.synthetic import shapes
+from cm3.synthetic.checker import read_attributes, score
+from cm3.synthetic.server import (
     BROKEN_CASES,
     COLUMNS,
     URL_LIST_FORMATS,

@@ -15,18 +15,19 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from cm3.pipeline import raw_shards
+from cm3.core.shards import TMP_DIR, complete_shards, parquet_path, read_stats
+from cm3.pipeline.download import CONFIG_FILE
 from cm3.pipeline.image_checks import failure_reason
-from cm3.workflows.demo.checker import read_attributes
-from cm3.workflows.demo.server import BROKEN_CASES, DemoDataServer, write_url_list
+from cm3.synthetic.checker import read_attributes
+from cm3.synthetic.server import BROKEN_CASES, DemoDataServer, write_url_list
 
 from conftest import BIN, RAY_ENV, cm3, free_port
 
 
 def read_rows(out: Path) -> list[dict]:
     rows = []
-    for shard_id in raw_shards.complete_shards(out):
-        rows += pq.read_table(raw_shards.parquet_path(out, shard_id)).to_pylist()
+    for shard_id in complete_shards(out):
+        rows += pq.read_table(parquet_path(out, shard_id)).to_pylist()
     return rows
 
 
@@ -70,7 +71,7 @@ def test_happy_path_and_every_broken_case_on_a_local_cluster(demo_server, tmp_pa
     assert summary["this_run"]["images_per_second"] > 0
     assert sorted(p.name for p in out.glob("*_stats.json")) == ["00000_stats.json", "00001_stats.json",
                                                                 "00002_stats.json"]
-    assert not (out / raw_shards.TMP_DIR).exists()
+    assert not (out / TMP_DIR).exists()
     assert "failures by reason:" in proc.stdout
 
 
@@ -106,7 +107,7 @@ def test_bad_input_lists_exit_2_and_write_nothing(tmp_path, case, message):
 def test_a_folder_from_another_input_is_refused_untouched(demo_server, tmp_path):
     out = tmp_path / "raw"
     out.mkdir()
-    (out / raw_shards.CONFIG_FILE).write_text(json.dumps({"input": {"path": "/elsewhere"}, "settings": {}}))
+    (out / CONFIG_FILE).write_text(json.dumps({"input": {"path": "/elsewhere"}, "settings": {}}))
     before = snapshot(out)
     urls = write_url_list(tmp_path / "urls.csv", demo_server.url, 5)
     proc = cm3("ingest", str(urls), "--out", str(out))
@@ -136,19 +137,19 @@ def test_resume_after_sigkill_of_the_driver(demo_server, ray_cluster, tmp_path):
     driver = subprocess.Popen([str(BIN / "cm3"), *args], env={**os.environ, **RAY_ENV},
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
-    while len(raw_shards.complete_shards(out)) < 4 and time.time() < deadline:
+    while len(complete_shards(out)) < 4 and time.time() < deadline:
         assert driver.poll() is None, "the ingest finished before it could be killed"
         time.sleep(0.05)
     driver.send_signal(signal.SIGKILL)
     driver.wait()
-    done_before = raw_shards.complete_shards(out)
+    done_before = complete_shards(out)
     assert 4 <= len(done_before) < total // shard_rows
 
     # What a kill mid-write leaves behind: a cut parquet with no stats file. It must not count.
     victim = max(done_before) + 1
-    raw_shards.parquet_path(out, victim).write_bytes(b"PAR1 cut short")
-    assert victim not in raw_shards.complete_shards(out)
-    untouched = {s: raw_shards.parquet_path(out, s).stat().st_mtime_ns for s in done_before}
+    parquet_path(out, victim).write_bytes(b"PAR1 cut short")
+    assert victim not in complete_shards(out)
+    untouched = {s: parquet_path(out, s).stat().st_mtime_ns for s in done_before}
 
     cm3(*args, check=True)
     rows = read_rows(out)
@@ -156,8 +157,8 @@ def test_resume_after_sigkill_of_the_driver(demo_server, ray_cluster, tmp_path):
     assert len({row["key"] for row in rows}) == total
     assert sorted(row["url"] for row in rows) == sorted(pq.read_table(urls).column("url").to_pylist())
     assert all(row["status"] == "success" for row in rows)
-    assert {s: raw_shards.parquet_path(out, s).stat().st_mtime_ns for s in done_before} == untouched
-    assert pq.read_table(raw_shards.parquet_path(out, victim)).num_rows == shard_rows
+    assert {s: parquet_path(out, s).stat().st_mtime_ns for s in done_before} == untouched
+    assert pq.read_table(parquet_path(out, victim)).num_rows == shard_rows
 
 
 @pytest.mark.cluster
@@ -178,8 +179,8 @@ def test_retry_failed_downloads_only_the_failed_rows(ray_cluster, tmp_path):
         first = read_rows(out)
         assert sum(row["status"] == "success" for row in first) == 20
         assert {failure_reason(r["error_message"]) for r in first if r["status"] != "success"} == {"connection_error"}
-        clean_shards = {0: raw_shards.parquet_path(out, 0).stat().st_mtime_ns,
-                        1: raw_shards.parquet_path(out, 1).stat().st_mtime_ns}
+        clean_shards = {0: parquet_path(out, 0).stat().st_mtime_ns,
+                        1: parquet_path(out, 1).stat().st_mtime_ns}
 
         with DemoDataServer(n=40, port=down_port):
             proc = cm3(*args, "--retry-failed", check=True)
@@ -187,8 +188,8 @@ def test_retry_failed_downloads_only_the_failed_rows(ray_cluster, tmp_path):
         second = read_rows(out)
         assert len(second) == 40 and all(row["status"] == "success" for row in second)
         assert [r["key"] for r in second] == [r["key"] for r in first]
-        assert {s: raw_shards.parquet_path(out, s).stat().st_mtime_ns for s in clean_shards} == clean_shards
-        stats = raw_shards.read_stats(out, 3)
+        assert {s: parquet_path(out, s).stat().st_mtime_ns for s in clean_shards} == clean_shards
+        stats = read_stats(out, 3)
         assert stats["successes"] == 10 and stats["retries_of_failed_rows"] == 1
     finally:
         up.stop()

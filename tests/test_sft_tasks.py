@@ -12,26 +12,26 @@ import pytest
 import torch
 from PIL import Image
 
-from cm3.model.sft_tasks import (
+from cm3.core.shards import TMP_DIR, complete_shards, parquet_path, read_stats, stats_path
+from cm3.pipeline.sft_readers import readers
+from cm3.pipeline.sft_readers.coco import captioning_rows, text_to_image_rows
+from cm3.pipeline.sft_readers.grounded import grounded_rows
+from cm3.pipeline.sft_readers.instructpix2pix import editing_rows
+from cm3.pipeline.sft_readers.vqa2 import vqa_rows
+from cm3.pipeline.sft_tasks import (
     EDIT_SOURCE_PROMPTS,
-    TASKS,
     TEMPLATES,
-    captioning_rows,
-    demo_tasks,
-    editing_rows,
     encode_images,
-    grounded_rows,
     layout_example,
     sft_schema,
-    text_to_image_rows,
-    vqa_rows,
     write_task_shards,
 )
-from cm3.pipeline import raw_shards
+from cm3.synthetic.sft_tasks import demo_tasks
+from cm3.synthetic.shapes import CANVAS, HELD_OUT, iter_dataset, render, spec_for
+from cm3.tokenizers.layout import TASKS
 from cm3.tokenizers.multimodal import MultimodalTokenizer
 from cm3.tokenizers.text import TextTokenizer
 from cm3.tokenizers.vqgan import VQGAN, VQGANConfig
-from cm3.workflows.demo.shapes import CANVAS, HELD_OUT, iter_dataset, render, spec_for
 
 FIXTURES = Path(__file__).parent / "fixtures" / "sft"
 COCO = FIXTURES / "coco_captions.json"
@@ -144,14 +144,28 @@ def test_editing_rows_use_the_two_image_layout(tokenizer):
 def test_grounded_rows_normalise_boxes_to_the_centre_crop(tokenizer):
     rows = list(grounded_rows(GROUNDED, tokenizer, loader))
     assert [r["task"] for r in rows] == ["grounded_generation"] * 3  # the umbrella lies outside the crop
+    # The crop is the square that ingest's resize keeps: 640x427 -> 48x32 pixels at x 8..40, i.e. x 106.75..533.75
+    # of the original; 64x48 -> 43x32 at x 5..37, i.e. x 7.5..55.5.
     assert [r["input_text"] for r in rows] == [
-        "person at (66, 16) -> (92, 81), oven at (0, 50) -> (100, 100)",  # 640x427: crop x 106..533; bowl dropped
-        "refrigerator at (0, 0) -> (50, 100)",  # 64x48: crop x 8..56
-        "bench at (17, 17) -> (67, 58), person at (67, 0) -> (83, 63)",  # 62.5 rounds up
+        "person at (66, 16) -> (92, 81), oven at (0, 50) -> (100, 100)",  # the bowl is dropped
+        "refrigerator at (0, 0) -> (51, 100)",
+        "bench at (18, 17) -> (68, 58), person at (68, 0) -> (84, 63)",  # y 62.5 rounds up
     ]
     for row in rows:
         text, image = segments(tokenizer, row["ids"])
         assert text == row["instruction"] and np.array_equal(image, row["output_image_ids"])
+
+
+def test_every_task_has_templates_and_a_reader_found_in_the_readers_folder(tokenizer):
+    assert tuple(TEMPLATES) == TASKS
+    found = readers()
+    assert set(TASKS) <= set(found)
+    rows = list(found["vqa"].rows(QUESTIONS, tokenizer, loader, annotations=ANSWERS))
+    assert [r["key"] for r in rows] == [r["key"] for r in vqa_rows(QUESTIONS, ANSWERS, tokenizer, loader)]
+    captions = [(r["key"], r["output_text"]) for r in found["captioning"].rows(COCO, tokenizer, loader)]
+    assert captions == [(r["key"], r["output_text"]) for r in captioning_rows(COCO, tokenizer, loader)]
+    with pytest.raises(ValueError, match="needs a second file, the VQA2 annotations JSON"):
+        found["vqa"].rows(QUESTIONS, tokenizer, loader)
 
 
 def test_templates_are_a_function_of_seed_and_key(tokenizer):
@@ -228,10 +242,10 @@ def test_writer_commits_readable_shards_and_resumes(tokenizer, tmp_path):
     rows = list(demo_tasks(tokenizer, 2))  # 14 rows, every task
     out = tmp_path / "sft"
     assert write_task_shards(rows, out, tokenizer.tokens_per_image, shard_rows=5) == [0, 1, 2]
-    assert raw_shards.complete_shards(out) == [0, 1, 2] and not (out / raw_shards.TMP_DIR).exists()
-    table = pq.read_table(raw_shards.parquet_path(out, 0))
+    assert complete_shards(out) == [0, 1, 2] and not (out / TMP_DIR).exists()
+    table = pq.read_table(parquet_path(out, 0))
     assert table.schema.equals(sft_schema(tokenizer.tokens_per_image))
-    read = [row for s in range(3) for row in pq.read_table(raw_shards.parquet_path(out, s)).to_pylist()]
+    read = [row for s in range(3) for row in pq.read_table(parquet_path(out, s)).to_pylist()]
     assert [r["ids"] for r in read] == [r["ids"] for r in rows]
     for stored, row in zip(read, rows):
         for column in ("input_image_ids", "output_image_ids"):
@@ -239,12 +253,12 @@ def test_writer_commits_readable_shards_and_resumes(tokenizer, tmp_path):
             assert stored[column] is None or stored[column] == row[column].tolist()
         assert layout_example(tokenizer, stored) == row["ids"]
     tail = {"vqa": 1, "text_to_image": 1, "image_editing": 1, "grounded_generation": 1}  # rows 10..13
-    assert raw_shards.read_stats(out, 2) == {"count": 4, "tasks": tail, "tokens_per_image": 64}
+    assert read_stats(out, 2) == {"count": 4, "tasks": tail, "tokens_per_image": 64}
     assert write_task_shards(rows, out, tokenizer.tokens_per_image, shard_rows=5) == []
-    raw_shards.stats_path(out, 1).unlink()  # as if killed between the parquet and the stats file
-    (out / raw_shards.TMP_DIR / "00001-dead").mkdir(parents=True)
+    stats_path(out, 1).unlink()  # as if killed between the parquet and the stats file
+    (out / TMP_DIR / "00001-dead").mkdir(parents=True)
     assert write_task_shards(rows, out, tokenizer.tokens_per_image, shard_rows=5) == [1]
-    assert pq.read_table(raw_shards.parquet_path(out, 1)).to_pylist() == read[5:10]
+    assert pq.read_table(parquet_path(out, 1)).to_pylist() == read[5:10]
     with pytest.raises(ValueError, match=r"00000_stats\.json: tokens_per_image is 64, not 256"):
         write_task_shards(rows, out, 256, shard_rows=5)
 

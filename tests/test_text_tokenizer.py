@@ -9,10 +9,10 @@ import pyarrow.parquet as pq
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from tokenizers import pre_tokenizers
 
+from cm3.synthetic.shapes import iter_dataset
 from cm3.tokenizers.text import TextTokenizer, train_from_shards
-from cm3.workflows.demo.shapes import iter_dataset
+from tokenizers import pre_tokenizers
 
 CAPTIONS = [spec.caption for _, spec in iter_dataset(600)]
 

@@ -8,19 +8,21 @@ import os
 import signal
 import subprocess
 import time
+
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
 
-from cm3.pipeline import raw_shards
+from cm3.core.shards import complete_shards, parquet_path, stats_path
 from cm3.pipeline.tokenize import token_schema
+from cm3.synthetic.shapes import encode_jpeg, render, spec_for
 from cm3.tokenizers.multimodal import MultimodalTokenizer
-from cm3.workflows.demo.shapes import encode_jpeg, render, spec_for
 
 from conftest import BIN, RAY_ENV, cm3
 from factories import TINY_F8, TINY_F32, captions, make_tokenizer, write_raw_shards
+
 
 def encode_jpeg_codes(tokenizer: MultimodalTokenizer, spec) -> np.ndarray:
     """What the stage computes for one image: decode the JPEG bytes, scale to [-1, 1], VQ-encode."""
@@ -39,7 +41,7 @@ def test_token_shards_have_the_documented_schema_at_1024_tokens(ray_cluster, tmp
     proc = cm3("tokenize", str(raw), "--out", str(tokens), "--tokenizer", str(tmp_path / "tok"),
                "--ray-address", ray_cluster.address, "--no-progress", check=True)
     assert "4 images tokenized" in proc.stdout
-    table = pq.read_table(raw_shards.parquet_path(tokens, 0))
+    table = pq.read_table(parquet_path(tokens, 0))
     assert table.schema == token_schema(1024)
     assert table.num_rows == 3 and table.column("source_shard").to_pylist() == [0, 0, 0]
     first = table.slice(0, 1).to_pylist()[0]
@@ -51,11 +53,11 @@ def test_token_shards_have_the_documented_schema_at_1024_tokens(ray_cluster, tmp
     other = np.asarray(first["image_ids"]) == encode_jpeg_codes(tokenizer, spec_for(1))
     assert own.mean() > 0.97 and other.mean() < own.mean() - 0.1
 
-    stats = json.loads(raw_shards.stats_path(tokens, 1).read_text())
+    stats = json.loads(stats_path(tokens, 1).read_text())
     assert stats["count"] == 3 and stats["kept"] == 1
     assert sum(stats["skipped_by_reason"].values()) == 2
     assert all(reason.startswith("undecodable image") for reason in stats["skipped_by_reason"])
-    assert pq.read_table(raw_shards.parquet_path(tokens, 1)).column("key").to_pylist() == ["00001001"]
+    assert pq.read_table(parquet_path(tokens, 1)).column("key").to_pylist() == ["00001001"]
 
 
 def test_tokenize_resumes_after_sigkill_and_refuses_another_tokenizer(ray_cluster, tmp_path):
@@ -70,23 +72,23 @@ def test_tokenize_resumes_after_sigkill_and_refuses_another_tokenizer(ray_cluste
     driver = subprocess.Popen([str(BIN / "cm3"), *args], env={**os.environ, **RAY_ENV},
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 180
-    while not raw_shards.complete_shards(tokens) and time.time() < deadline:
+    while not complete_shards(tokens) and time.time() < deadline:
         assert driver.poll() is None, "tokenize finished before it could be killed"
         time.sleep(0.005)
     driver.send_signal(signal.SIGKILL)
     driver.wait()
-    before = raw_shards.complete_shards(tokens)
+    before = complete_shards(tokens)
     print(f"{len(before)} of {shards} shards complete at the kill")
     assert 1 <= len(before) < shards
-    mtimes = {s: raw_shards.parquet_path(tokens, s).stat().st_mtime_ns for s in before}
+    mtimes = {s: parquet_path(tokens, s).stat().st_mtime_ns for s in before}
 
     proc = cm3(*args, check=True, timeout=400)
     assert f"{len(before)} already complete" in proc.stdout
-    assert raw_shards.complete_shards(tokens) == list(range(shards))
+    assert complete_shards(tokens) == list(range(shards))
     keys = [k for s in range(shards)
-            for k in pq.read_table(raw_shards.parquet_path(tokens, s)).column("key").to_pylist()]
+            for k in pq.read_table(parquet_path(tokens, s)).column("key").to_pylist()]
     assert len(keys) == len(set(keys)) == shards * 4
-    assert {s: raw_shards.parquet_path(tokens, s).stat().st_mtime_ns for s in before} == mtimes
+    assert {s: parquet_path(tokens, s).stat().st_mtime_ns for s in before} == mtimes
 
     make_tokenizer(tmp_path / "other", {**TINY_F32, "n_embed": 32}, captions())
     other = cm3("tokenize", str(raw), "--out", str(tokens), "--tokenizer", str(tmp_path / "other"),

@@ -9,7 +9,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from cm3.pipeline.url_list import InputError, iter_chunks, open_url_list
+from cm3.core.errors import InputError
+from cm3.pipeline.url_list import iter_chunks, open_url_list
 
 ROWS = [{"url": f"http://127.0.0.1:1/images/{i}.jpg", "caption": f"caption {i}"} for i in range(23)]
 

@@ -11,11 +11,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from cm3.synthetic.shapes import iter_dataset, render, spec_for
+from cm3.tokenizers.layout import decode_document, encode_document
 from cm3.tokenizers.multimodal import MultimodalTokenizer
 from cm3.tokenizers.text import TextTokenizer
-from cm3.tokenizers.vocabulary import Vocabulary, decode_document, encode_document
+from cm3.tokenizers.vocabulary import Vocabulary
 from cm3.tokenizers.vqgan import VQGAN, VQGANConfig
-from cm3.workflows.demo.shapes import iter_dataset, render, spec_for
 
 # --- Vocabulary ---------------------------------------------------------------------------------
 

@@ -12,22 +12,12 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from cm3.tokenizers.vq_training import (
-    LPIPS,
-    CodebookTracker,
-    TrainOptions,
-    _batch,
-    _lr_factor,
-    demo_training_options,
-    evaluate,
-    is_heldout,
-    load_images,
-    psnr,
-    ssim,
-    train_vqgan,
-)
+from cm3.synthetic import shapes
+from cm3.tokenizers.vq_data import is_heldout, load_images, random_batch
+from cm3.tokenizers.vq_losses import LPIPS
+from cm3.tokenizers.vq_metrics import evaluate, psnr, ssim
+from cm3.tokenizers.vq_training import CodebookTracker, TrainOptions, _lr_factor, demo_training_options, train_vqgan
 from cm3.tokenizers.vqgan import VQGAN, VQGANConfig
-from cm3.workflows.demo import shapes
 
 from conftest import cm3
 
@@ -182,15 +172,15 @@ def test_busiest_crop_keeps_the_shape_and_a_plain_share_keeps_background() -> No
     spec = shapes.ShapeSpec("square", "red", "small", "top left", "white", cx=40.0, cy=40.0, radius=24.0)
     image = torch.from_numpy(np.asarray(shapes.render(spec))).permute(2, 0, 1)[None]
     generator = torch.Generator().manual_seed(0)
-    plain = _batch(image.expand(64, -1, -1, -1), 64, 64, generator, candidates=1)
-    busiest = _batch(image.expand(64, -1, -1, -1), 64, 64, generator, candidates=8)
+    plain = random_batch(image.expand(64, -1, -1, -1), 64, 64, generator, candidates=1)
+    busiest = random_batch(image.expand(64, -1, -1, -1), 64, 64, generator, candidates=8)
     assert plain.shape == busiest.shape == (64, 3, 64, 64)
 
     def has_shape(batch: torch.Tensor) -> torch.Tensor:  # any red pixel: a white crop is all > 0.9
         return (batch[:, 1] < 0).flatten(1).any(1).float()
 
     assert has_shape(busiest).mean() > has_shape(plain).mean() + 0.3
-    mixed = _batch(image.expand(64, -1, -1, -1), 64, 64, generator, candidates=8, plain_share=0.5)
+    mixed = random_batch(image.expand(64, -1, -1, -1), 64, 64, generator, candidates=8, plain_share=0.5)
     assert mixed.shape == (64, 3, 64, 64)  # first half plain crops (background too), second half the busiest
     assert has_shape(mixed[32:]).mean() > has_shape(mixed[:32]).mean() + 0.3
 

@@ -13,9 +13,6 @@ Folder layout::
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -23,8 +20,10 @@ import numpy as np
 import torch
 from numpy.typing import ArrayLike
 
-from cm3.tokenizers.text import PathLike, TextTokenizer, train_from_shards
-from cm3.tokenizers.vocabulary import Order, Vocabulary, decode_document, encode_document
+from cm3.core.files import PathLike, atomic_folder
+from cm3.tokenizers.layout import Order, decode_document, encode_document
+from cm3.tokenizers.text import TextTokenizer, train_from_shards
+from cm3.tokenizers.vocabulary import Vocabulary
 from cm3.tokenizers.vqgan import VQGAN
 
 FORMAT_VERSION = 1
@@ -101,21 +100,15 @@ class MultimodalTokenizer:
     # persistence
 
     def save(self, directory: PathLike) -> None:
-        """Write the folder beside ``directory`` and rename it into place, so that a save killed at
-        any point leaves a whole artefact or none at ``directory``, never a partial one."""
-        target = Path(directory)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.saving-", dir=target.parent))
-        try:
+        """Write the whole folder at once (``atomic_folder``), so that a save killed at any point leaves a whole
+        artefact or none at ``directory``, never a partial one."""
+        with atomic_folder(directory) as staging:
             (staging / TEXT_FILE).parent.mkdir()
             self.text.save(staging / TEXT_FILE)
             self.vq.save_pretrained(staging / VQ_DIR)
             meta = {"format_version": FORMAT_VERSION, "vocabulary": self.vocab.to_dict(),
                     "tokens_per_image": self.tokens_per_image}
             (staging / VOCAB_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-            _replace_dir(staging, target)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
 
     @classmethod
     def load(cls, directory: PathLike, device: str | torch.device = "cpu") -> MultimodalTokenizer:
@@ -149,17 +142,6 @@ class MultimodalTokenizer:
 def _numpy(values: torch.Tensor | ArrayLike) -> np.ndarray:
     """Ids or codes as a numpy array, wherever a tensor lives (generation runs on the GPU)."""
     return values.detach().cpu().numpy() if isinstance(values, torch.Tensor) else np.asarray(values)
-
-
-def _replace_dir(source: Path, target: Path) -> None:
-    """Rename ``source`` to ``target``; an existing ``target`` is moved aside first and then deleted."""
-    if not target.exists():
-        os.replace(source, target)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-    os.replace(target, old / target.name)
-    os.replace(source, target)
-    shutil.rmtree(old)
 
 
 def build_tokenizer(raw_shards: PathLike | Iterable[PathLike], vq_dir: PathLike, vocab_size: int,

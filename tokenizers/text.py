@@ -15,10 +15,10 @@ from pathlib import Path
 import pyarrow.parquet as pq
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from cm3.core.files import PathLike, atomic_write
+
 BYTE_ALPHABET_SIZE = 256
 SHARD_BATCH_ROWS = 8192  # captions read from a Parquet shard at a time
-
-PathLike = str | os.PathLike
 
 
 class TextTokenizer:
@@ -55,7 +55,7 @@ class TextTokenizer:
         return cls(Tokenizer.from_file(str(path)))
 
     def save(self, path: PathLike) -> None:
-        self.tokenizer.save(str(path))
+        atomic_write(path, lambda staged: self.tokenizer.save(str(staged)))
 
     @property
     def vocab_size(self) -> int:

@@ -1,4 +1,4 @@
-"""The joint id space of text and image tokens, and the layout of one training document.
+"""The joint id space of text and image tokens (``cm3.tokenizers.layout`` lays them out in sequences).
 
 Naming used throughout: *ids* are joint-space ids (what the model reads and writes); *bpe ids*
 are the text tokenizer's own ids; *codes* are VQ-GAN codebook indices. Layout, low to high:
@@ -11,15 +11,12 @@ and restricting generation to image tokens is a slice of the logits.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
-from typing import ClassVar, Literal
+from typing import ClassVar
 
 import numpy as np
 from numpy.typing import ArrayLike
 
-Order = Literal["caption_first", "image_first"]
-ORDERS: tuple[str, ...] = ("caption_first", "image_first")
 SPECIAL_NAMES: tuple[str, ...] = ("<pad>", "<eod>", "<break>", "<eoss>")
 
 
@@ -90,25 +87,25 @@ class Vocabulary:
 
     def text_ids(self, bpe_ids: ArrayLike) -> list[int]:
         """BPE ids -> joint ids."""
-        bpe = _int_array(bpe_ids)
+        bpe = int_array(bpe_ids)
         _check_range(bpe, self.text_vocab_size, "bpe id")
         return (bpe + self.text_offset).tolist()
 
     def bpe_ids(self, ids: ArrayLike) -> list[int]:
         """Joint text ids -> BPE ids; raises on any non-text id."""
-        joint = _int_array(ids)
+        joint = int_array(ids)
         self._require(joint, self.is_text, "text")
         return (joint - self.text_offset).tolist()
 
     def image_ids(self, codes: ArrayLike) -> np.ndarray:
         """VQ codes (any shape) -> joint ids (same shape, int64)."""
-        codes = _int_array(codes)
+        codes = int_array(codes)
         _check_range(codes, self.image_vocab_size, "image code")
         return codes + self.image_offset
 
     def codes_from_ids(self, ids: ArrayLike) -> np.ndarray:
         """Joint image ids (any shape) -> VQ codes (same shape, int64); raises on any non-image id."""
-        joint = _int_array(ids)
+        joint = int_array(ids)
         self._require(joint, self.is_image, "image")
         return joint - self.image_offset
 
@@ -145,10 +142,10 @@ class Vocabulary:
         bad = np.flatnonzero(~predicate(ids))
         if bad.size:
             position = int(bad[0])
-            raise ValueError(f"expected only {kind} ids, got {self._describe(int(ids.flat[position]))} "
+            raise ValueError(f"expected only {kind} ids, got {self.describe(int(ids.flat[position]))} "
                              f"at position {position} ({bad.size} non-{kind} id(s) in all)")
 
-    def _describe(self, token_id: int) -> str:
+    def describe(self, token_id: int) -> str:
         try:
             return f"{token_id} ({self.token_name(token_id)})"
         except ValueError:
@@ -161,7 +158,8 @@ def _index(i: int, count: int, kind: str) -> int:
     return int(i)
 
 
-def _int_array(values: ArrayLike) -> np.ndarray:
+def int_array(values: ArrayLike) -> np.ndarray:
+    """Ids as an int64 array; anything but integers is refused."""
     array = np.asarray(values)
     if array.size == 0:
         return array.astype(np.int64)
@@ -174,82 +172,3 @@ def _check_range(values: np.ndarray, count: int, kind: str) -> None:
     bad = np.flatnonzero((values < 0) | (values >= count))
     if bad.size:
         raise ValueError(f"{kind} {int(values.flat[bad[0]])} is outside [0, {count})")
-
-
-@dataclass(frozen=True)
-class Document:
-    """One parsed document: joint text ids, VQ codes (1-D int64, one image) and which came first.
-
-    ``order`` is None when the document holds a single modality (there is no order to tell).
-    """
-
-    text_ids: list[int]
-    image_codes: np.ndarray | None
-    order: Order | None
-
-
-def encode_document(
-    vocab: Vocabulary, text_ids: Sequence[int], image_codes: ArrayLike | None, order: Order = "caption_first"
-) -> list[int]:
-    """Lay one document out as in CM3Leon: ``text <break> IMG`` (caption first, text-to-image) or
-    ``IMG <break> text`` (image first, captioning); a single modality has no <break>.
-
-    ``text_ids`` are joint-space text ids; ``image_codes`` are one image's VQ codes (any shape).
-    """
-    if order not in ORDERS:
-        raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
-    text = list(text_ids)
-    vocab.bpe_ids(text)  # validates: text ids only
-    if image_codes is None:
-        if not text:
-            raise ValueError("a document needs text, an image or both; got neither")
-        return text
-    image = vocab.image_ids(image_codes).reshape(-1).tolist()
-    if not image:
-        raise ValueError("image_codes is empty; pass None for a text-only document")
-    if not text:
-        return image
-    return text + [vocab.break_] + image if order == "caption_first" else image + [vocab.break_] + text
-
-
-def decode_document(vocab: Vocabulary, ids: ArrayLike, tokens_per_image: int) -> Document:
-    """Inverse of `encode_document`; raises ValueError on anything that layout cannot produce."""
-    if tokens_per_image < 1:
-        raise ValueError(f"tokens_per_image must be >= 1, got {tokens_per_image}")
-    ids = _int_array(ids).reshape(-1)
-    if ids.size == 0:
-        raise ValueError("empty document")
-    allowed = vocab.is_text(ids) | vocab.is_image(ids) | (ids == vocab.break_)
-    if not allowed.all():
-        position = int(np.flatnonzero(~allowed)[0])
-        raise ValueError(f"unexpected token {vocab._describe(int(ids[position]))} at position {position}; "
-                         "a document holds only text ids, image ids and at most one <break>")
-    breaks = np.flatnonzero(ids == vocab.break_)
-    if breaks.size > 1:
-        raise ValueError(f"a document has at most one <break>, found {breaks.size} (positions {breaks.tolist()})")
-    if breaks.size == 0:
-        if vocab.is_text(ids[0]):
-            return Document(_text_part(vocab, ids, "the document"), None, None)
-        return Document([], _image_part(vocab, ids, tokens_per_image, "the document"), None)
-    head, tail = ids[: breaks[0]], ids[breaks[0] + 1:]
-    if head.size == 0 or tail.size == 0:
-        raise ValueError("<break> must separate two non-empty parts")
-    if vocab.is_image(head[0]):
-        codes = _image_part(vocab, head, tokens_per_image, "the part before <break>")
-        return Document(_text_part(vocab, tail, "the part after <break>"), codes, "image_first")
-    text = _text_part(vocab, head, "the part before <break>")
-    return Document(text, _image_part(vocab, tail, tokens_per_image, "the part after <break>"), "caption_first")
-
-
-def _text_part(vocab: Vocabulary, ids: np.ndarray, where: str) -> list[int]:
-    if not vocab.is_text(ids).all():
-        raise ValueError(f"{where} should be all text but holds image ids")
-    return ids.tolist()
-
-
-def _image_part(vocab: Vocabulary, ids: np.ndarray, tokens_per_image: int, where: str) -> np.ndarray:
-    if not vocab.is_image(ids).all():
-        raise ValueError(f"{where} should be one image but holds text ids")
-    if ids.size != tokens_per_image:
-        raise ValueError(f"{where} holds {ids.size} image tokens; one image is {tokens_per_image}")
-    return ids - vocab.image_offset

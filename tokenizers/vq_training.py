@@ -1,32 +1,28 @@
-"""Train the VQ-GAN tokenizer on raw ingest shards with plain PyTorch.
+"""Train the VQ-GAN tokenizer on raw ingest shards with plain PyTorch: the loop and the pieces only it uses.
 
 Taming's recipe (reconstruction + codebook loss, optional LPIPS, PatchGAN with hinge loss and an
-adaptive weight after ``disc_start``) plus dead-code restarts, a wall-clock budget, atomic
-checkpoints with resume, and a held-out report (PSNR, SSIM, codebook usage, reconstructions.png).
+adaptive weight after ``disc_start``: ``vq_losses``) plus dead-code restarts, a wall-clock budget and a warm-up
+then cosine learning rate (``cm3.core.schedule``), atomic checkpoints with resume, and a held-out report (PSNR,
+SSIM, codebook usage, reconstructions.png: ``vq_metrics``) on images read by ``vq_data``.
 """
 
 from __future__ import annotations
 
-import hashlib
-import io
 import json
-import math
 import os
-import shutil
 import sys
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import pyarrow.parquet as pq
 import torch
-import torch.nn.functional as F
-from PIL import Image
-from torch import nn
 
-from cm3.tokenizers.vqgan import VQGAN, VQGANConfig, atomic_path, codebook_usage
+from cm3.core.files import atomic_folder, recover_folder, write_json
+from cm3.core.schedule import StepBudget, decay, warmup
+from cm3.tokenizers.vq_data import is_heldout, load_images, random_batch
+from cm3.tokenizers.vq_losses import LPIPS, PatchDiscriminator, adaptive_weight, hinge_d_loss
+from cm3.tokenizers.vq_metrics import evaluate, write_reconstructions
+from cm3.tokenizers.vqgan import VQGAN, VQGANConfig
 
 CHECKPOINT_DIR = "checkpoint"
 STATE_TENSORS = "training_state.pt"
@@ -81,200 +77,6 @@ def demo_training_options() -> TrainOptions:
                         warmup_steps=1000)
 
 
-# --- data ---------------------------------------------------------------------------------------
-
-
-def load_images(data: str | os.PathLike[str], resolution: int) -> tuple[list[str], torch.Tensor]:
-    """Keys and uint8 images [N, 3, R, R] of every usable row in the folder's Parquet shards."""
-    paths = sorted(Path(data).glob("*.parquet"))
-    if not paths:
-        raise FileNotFoundError(f"no .parquet shards in {data}")
-    keys: list[str] = []
-    arrays: list[np.ndarray] = []
-    for path in paths:
-        table = pq.read_table(path, columns=["key", "jpg", "status"]).to_pydict()
-        for key, jpg, status in zip(table["key"], table["jpg"], table["status"]):
-            if status != "success" or jpg is None:
-                continue
-            keys.append(str(key))
-            arrays.append(_decode(jpg, resolution))
-    if not arrays:
-        raise ValueError(f"no usable images (status == 'success' with jpg bytes) in {data}")
-    return keys, torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
-
-
-def _decode(jpg: bytes, resolution: int) -> np.ndarray:
-    image = Image.open(io.BytesIO(jpg)).convert("RGB")
-    if image.size != (resolution, resolution):  # centre square crop, then resize
-        side = min(image.size)
-        left, top = (image.width - side) // 2, (image.height - side) // 2
-        image = image.crop((left, top, left + side, top + side)).resize((resolution, resolution), Image.BICUBIC)
-    return np.asarray(image, dtype=np.uint8)
-
-
-def is_heldout(key: str, fraction: float) -> bool:
-    """Deterministic split by key hash, stable across runs, machines and shard orders."""
-    digest = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big")
-    return digest / 2**64 < fraction
-
-
-def to_float(images: torch.Tensor) -> torch.Tensor:
-    """uint8 [0, 255] -> float [-1, 1]."""
-    return images.float().div(127.5).sub(1.0)
-
-
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    return images.clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8)
-
-
-# --- metrics ------------------------------------------------------------------------------------
-
-
-def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Per-image PSNR in dB on the [0, 255] scale of images in [-1, 1]; inf for identical images."""
-    mse = ((a.float() - b.float()) * 127.5).pow(2).flatten(1).mean(1)
-    return 10 * torch.log10(255.0**2 / mse)
-
-
-def ssim(a: torch.Tensor, b: torch.Tensor, window: int = 11, sigma: float = 1.5) -> torch.Tensor:
-    """Per-image SSIM (Wang et al. 2004: 11x11 gaussian window, sigma 1.5, K1 .01, K2 .03) on [0, 255]."""
-    x, y = (t.float().add(1).mul(127.5) for t in (a, b))
-    channels = x.shape[1]
-    coords = torch.arange(window, dtype=torch.float32) - (window - 1) / 2
-    g = torch.exp(-(coords**2) / (2 * sigma**2))
-    g = g / g.sum()
-    kernel = (g[:, None] * g[None, :]).expand(channels, 1, window, window).contiguous()
-
-    def blur(t: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(t, kernel, groups=channels)
-
-    mu_x, mu_y = blur(x), blur(y)
-    var_x = blur(x * x) - mu_x**2
-    var_y = blur(y * y) - mu_y**2
-    cov = blur(x * y) - mu_x * mu_y
-    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
-    s = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
-    return s.flatten(1).mean(1)
-
-
-@torch.no_grad()
-def evaluate(model: VQGAN, images: torch.Tensor, batch_size: int = 16) -> dict[str, float]:
-    """Round-trip images (float [-1, 1] or uint8) through the tokenizer; mean PSNR/SSIM and code usage."""
-    if images.dtype == torch.uint8:
-        images = to_float(images)
-    was_training = model.training
-    model.eval()
-    codes = model.encode(images, batch_size=batch_size)
-    recon = model.decode(codes, batch_size=batch_size).cpu()
-    model.train(was_training)
-    # score the 8-bit images a user would see
-    recon = to_float(to_uint8(recon))
-    return {
-        "psnr": float(psnr(images, recon).mean()),
-        "ssim": float(ssim(images, recon).mean()),
-        "codebook_usage": codebook_usage(codes, model.config.n_embed),
-    }
-
-
-# --- perceptual loss and discriminator ----------------------------------------------------------
-
-
-class LPIPS(nn.Module):
-    """LPIPS-style distance: unit-normalised VGG16 features, squared differences, 1x1 linear heads.
-
-    Weights come from one local file (safetensors or tensors-only torch file) holding torchvision
-    VGG16 ``features.*`` keys and heads ``lin0..lin4.model.1.weight`` ([1, C, 1, 1], LPIPS's layout).
-    """
-
-    TAPS = (3, 8, 15, 22, 29)  # relu1_2, relu2_2, relu3_3, relu4_3, relu5_3
-    WIDTHS = (64, 128, 256, 512, 512)
-
-    def __init__(self, weights_path: str | os.PathLike[str]):
-        super().__init__()
-        from torchvision.models.vgg import cfgs, make_layers
-
-        path = Path(weights_path)
-        if not path.is_file():
-            raise FileNotFoundError(f"LPIPS weights file not found: {path} (nothing is downloaded; "
-                                    "pass lpips_weights=None to train without the perceptual loss)")
-        state = _read_tensors(path)
-        self.features = make_layers(cfgs["D"])[: self.TAPS[-1] + 1]  # vgg16().features without the classifier
-        self.heads = nn.ParameterList(nn.Parameter(torch.empty(1, w, 1, 1)) for w in self.WIDTHS)
-        wanted = {f"features.{k}": v for k, v in self.features.state_dict().items()}
-        wanted |= {f"lin{i}.model.1.weight": h for i, h in enumerate(self.heads)}
-        missing = sorted(k for k in wanted if k not in state)
-        if missing:
-            raise ValueError(f"{path} lacks LPIPS weights: {missing}")
-        with torch.no_grad():
-            for key, target in wanted.items():
-                if state[key].shape != target.shape:
-                    raise ValueError(f"{path}: {key} has shape {tuple(state[key].shape)}, "
-                                     f"expected {tuple(target.shape)}")
-                target.copy_(state[key])
-        self.register_buffer("shift", torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1))
-        self.register_buffer("scale", torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1))
-        self.requires_grad_(False)
-        self.eval()
-
-    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        """Distance per image [B] between images in [-1, 1]."""
-        h = torch.cat([a, b]).sub(self.shift).div(self.scale)
-        total = a.new_zeros(a.shape[0])
-        taps = iter(zip(self.TAPS, self.heads))
-        tap, head = next(taps)
-        for i, layer in enumerate(self.features):
-            h = layer(h)
-            if i == tap:
-                fa, fb = (f / (f.norm(dim=1, keepdim=True) + 1e-10) for f in h.chunk(2))
-                total = total + F.conv2d((fa - fb) ** 2, head).mean((1, 2, 3))
-                tap, head = next(taps, (None, None))
-        return total
-
-
-class PatchDiscriminator(nn.Module):
-    """PatchGAN (pix2pix): stride-2 4x4 convs with BatchNorm and LeakyReLU, one logit per patch."""
-
-    def __init__(self, in_channels: int = 3, channels: int = 64, layers: int = 3):
-        super().__init__()
-        seq: list[nn.Module] = [nn.Conv2d(in_channels, channels, 4, 2, 1), nn.LeakyReLU(0.2, True)]
-        width = channels
-        for n in range(1, layers + 1):
-            out = channels * min(2**n, 8)
-            stride = 2 if n < layers else 1
-            seq += [nn.Conv2d(width, out, 4, stride, 1, bias=False), nn.BatchNorm2d(out), nn.LeakyReLU(0.2, True)]
-            width = out
-        seq.append(nn.Conv2d(width, 1, 4, 1, 1))
-        self.main = nn.Sequential(*seq)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.normal_(m.weight, 0.0, 0.02)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.normal_(m.weight, 1.0, 0.02)
-                nn.init.zeros_(m.bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.main(x)
-
-
-def hinge_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
-    return 0.5 * (F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean())
-
-
-def adaptive_weight(nll: torch.Tensor, g_loss: torch.Tensor, last_layer: torch.Tensor) -> torch.Tensor:
-    """Taming's GAN weight: balance the two losses' gradient norms at the decoder's last layer."""
-    nll_grad = torch.autograd.grad(nll, last_layer, retain_graph=True)[0]
-    g_grad = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
-    return (nll_grad.norm() / (g_grad.norm() + 1e-4)).clamp(0.0, 1e4).detach()
-
-
-def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
 # --- codebook usage and restarts ----------------------------------------------------------------
 
 
@@ -314,26 +116,18 @@ class CodebookTracker:
 
 
 def save_checkpoint(out_dir: Path, model: VQGAN, state: dict[str, Any], info: dict[str, Any]) -> None:
-    """Write a complete checkpoint into a temp folder, then swap it in, so a crash leaves one whole copy."""
-    final = out_dir / CHECKPOINT_DIR
-    tmp, old = out_dir / f".{CHECKPOINT_DIR}.tmp", out_dir / f".{CHECKPOINT_DIR}.old"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    torch.save(state, tmp / STATE_TENSORS)
-    (tmp / STATE_JSON).write_text(json.dumps(info, indent=2) + "\n")
-    shutil.rmtree(old, ignore_errors=True)
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
+    """Write a complete checkpoint folder at once (``atomic_folder``), so a crash leaves one whole copy."""
+    with atomic_folder(out_dir / CHECKPOINT_DIR) as staging:
+        model.save_pretrained(staging)
+        torch.save(state, staging / STATE_TENSORS)
+        (staging / STATE_JSON).write_text(json.dumps(info, indent=2) + "\n")
 
 
 def find_checkpoint(out_dir: Path) -> Path | None:
-    """The newest complete checkpoint, including one left aside by a crash mid-swap."""
-    for candidate in (out_dir / CHECKPOINT_DIR, out_dir / f".{CHECKPOINT_DIR}.old"):
-        if (candidate / STATE_JSON).is_file():
-            return candidate
-    return None
+    """The complete checkpoint in ``out_dir``, if any (after undoing what a killed save left)."""
+    recover_folder(out_dir / CHECKPOINT_DIR)
+    candidate = out_dir / CHECKPOINT_DIR
+    return candidate if (candidate / STATE_JSON).is_file() else None
 
 
 # --- training -----------------------------------------------------------------------------------
@@ -359,40 +153,8 @@ class WeightAverage:
 
 
 def _lr_factor(step: int, progress: float, options: TrainOptions) -> float:
-    warm = min(1.0, (step + 1) / max(1, options.warmup_steps))
-    cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-    return warm * (options.min_lr_fraction + (1 - options.min_lr_fraction) * cosine)
-
-
-def _batch(images: torch.Tensor, batch_size: int, crop: int | None, generator: torch.Generator,
-           candidates: int = 1, plain_share: float = 0.0) -> torch.Tensor:
-    """A random batch in [-1, 1]: random horizontal flips and, if asked, square crops (per image, the
-    busiest of ``candidates`` random positions; for the first ``plain_share`` of the batch, one random position)."""
-    idx = torch.randint(images.shape[0], (batch_size,), generator=generator)
-    x = images[idx]
-    if crop is not None and crop < x.shape[-1]:
-        plain = round(batch_size * plain_share)
-        parts = [_busiest_crops(x[:plain], crop, 1, generator)] if plain else []
-        if plain < batch_size:
-            parts.append(_busiest_crops(x[plain:], crop, max(1, candidates), generator))
-        x = torch.cat(parts)
-    flip = torch.rand(batch_size, generator=generator) < 0.5
-    x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-    return to_float(x).contiguous(memory_format=torch.channels_last)
-
-
-def _busiest_crops(x: torch.Tensor, crop: int, candidates: int, generator: torch.Generator) -> torch.Tensor:
-    """Per image, of ``candidates`` random crop positions the one with the largest pixel variance."""
-    corners = torch.randint(x.shape[-1] - crop + 1, (x.shape[0], candidates, 2), generator=generator)
-    chosen = []
-    for image, options in zip(x, corners):
-        windows = [image[:, top : top + crop, left : left + crop] for top, left in options.tolist()]
-        if len(windows) == 1:
-            chosen.append(windows[0])
-            continue
-        spread = torch.stack([w.float().flatten(1).var(1).sum() for w in windows])
-        chosen.append(windows[int(spread.argmax())])
-    return torch.stack(chosen)
+    """Linear warm-up over ``warmup_steps`` times a cosine decay to ``min_lr_fraction`` over the budget's progress."""
+    return warmup(step, max(1, options.warmup_steps)) * decay(progress, "cosine", options.min_lr_fraction)
 
 
 def train_vqgan(
@@ -477,10 +239,7 @@ def _train(data: str | os.PathLike[str], out: Path, config: VQGANConfig, steps: 
         if ema is not None:
             state["raw_model"] = model.state_dict()
         save_checkpoint(out, ema.model if ema is not None else model, state,
-                        {"step": step, "seconds": elapsed(), "config": config.to_dict()})
-
-    def elapsed() -> float:
-        return elapsed_before + time.perf_counter() - started
+                        {"step": step, "seconds": budget.elapsed(), "config": config.to_dict()})
 
     model.train()
     disc.train()
@@ -488,12 +247,11 @@ def _train(data: str | os.PathLike[str], out: Path, config: VQGANConfig, steps: 
     history: list[dict[str, float]] = []
     window: list[float] = []
     restarts = 0
-    started = time.perf_counter()
-    while step < steps and (seconds_budget is None or elapsed() < seconds_budget):
-        progress_fraction = max(step / steps, elapsed() / seconds_budget if seconds_budget else 0.0)
+    budget = StepBudget(steps, seconds_budget, elapsed_before)
+    while (progress_fraction := budget.progress(step)) < 1.0:
         for group, base in ((opt.param_groups[0], lr), (disc_opt.param_groups[0], lr * options.disc_lr_scale)):
             group["lr"] = base * _lr_factor(step, progress_fraction, options)
-        x = _batch(train_images, batch_size, options.crop_size, generator, options.crop_candidates,
+        x = random_batch(train_images, batch_size, options.crop_size, generator, options.crop_candidates,
                    options.plain_crop_share).to(device)
 
         z = model.encode_latent(x)
@@ -527,7 +285,7 @@ def _train(data: str | os.PathLike[str], out: Path, config: VQGANConfig, steps: 
             restarts += tracker.restart_dead(model, opt, latents, step, options.dead_code_steps, generator)
         window.append(float(rec.detach()))
         if step % options.log_every == 0 or step == steps:
-            entry = {"step": step, "rec_loss": sum(window) / len(window), "seconds": round(elapsed(), 1),
+            entry = {"step": step, "rec_loss": sum(window) / len(window), "seconds": round(budget.elapsed(), 1),
                      "usage": tracker.usage(step, options.usage_window)}
             history.append(entry)
             window.clear()
@@ -536,7 +294,7 @@ def _train(data: str | os.PathLike[str], out: Path, config: VQGANConfig, steps: 
                       f"usage {entry['usage']:.2f} restarts {restarts} {entry['seconds']:.0f}s", file=sys.stderr)
         if step % options.checkpoint_every == 0:
             checkpoint_now()
-    seconds = elapsed()
+    seconds = budget.elapsed()
     if step > start_step or checkpoint is None:
         checkpoint_now()
 
@@ -565,13 +323,5 @@ def _train(data: str | os.PathLike[str], out: Path, config: VQGANConfig, steps: 
                      "lpips_weights": str(lpips_weights) if lpips_weights else None, **asdict(options)},
         "config": config.to_dict(),
     }
-    with atomic_path(out / "report.json") as tmp:
-        tmp.write_text(json.dumps(report, indent=2) + "\n")
+    write_json(out / "report.json", report)
     return report
-
-
-def write_reconstructions(model: VQGAN, images: torch.Tensor, path: Path) -> None:
-    """A PNG grid: originals on the top row, their reconstructions below."""
-    recon = to_uint8(model.decode(model.encode(to_float(images))).cpu())
-    grid = torch.cat([torch.cat(list(images), dim=2), torch.cat(list(recon), dim=2)], dim=1)
-    Image.fromarray(grid.permute(1, 2, 0).numpy()).save(path)

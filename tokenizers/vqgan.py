@@ -11,8 +11,7 @@ import contextlib
 import json
 import math
 import os
-import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from cm3.core.files import atomic_write
 
 WEIGHTS_NAME = "model.safetensors"
 NORMS = ("group", "channel")
@@ -520,16 +521,14 @@ class VQGAN(nn.Module):
     # persistence
 
     def save_pretrained(self, directory: str | os.PathLike[str]) -> None:
-        """Write model.safetensors + config.json, each via a temp file and os.replace."""
+        """Write model.safetensors + config.json, each atomically."""
         from safetensors.torch import save_file
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        with atomic_path(directory / WEIGHTS_NAME) as tmp:
-            save_file(state, str(tmp), metadata={"format": "pt"})
-        with atomic_path(directory / CONFIG_NAME) as tmp:
-            tmp.write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
+        atomic_write(directory / WEIGHTS_NAME, lambda staged: save_file(state, staged, metadata={"format": "pt"}))
+        atomic_write(directory / CONFIG_NAME, json.dumps(self.config.to_dict(), indent=2) + "\n")
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike[str], device: str | torch.device = "cpu") -> VQGAN:
@@ -594,16 +593,3 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
 def codebook_usage(codes: torch.Tensor, n_embed: int) -> float:
     """Fraction of the codebook that appears at least once in ``codes``."""
     return torch.unique(codes).numel() / n_embed
-
-
-@contextlib.contextmanager
-def atomic_path(target: Path) -> Iterator[Path]:
-    """A temp path beside ``target``, moved over it with os.replace only if the write succeeded."""
-    fd, name = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
-    os.close(fd)
-    tmp = Path(name)
-    try:
-        yield tmp
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)

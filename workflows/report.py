@@ -5,8 +5,7 @@ from __future__ import annotations
 import textwrap
 from collections.abc import Sequence
 
-import numpy as np
-from PIL import Image, ImageDraw, ImageFont, ImageOps
+from PIL import Image, ImageDraw, ImageFont
 
 
 def image_grid(images: Sequence[Image.Image], captions: Sequence[str] | None = None, cols: int = 4,
@@ -29,19 +28,3 @@ def image_grid(images: Sequence[Image.Image], captions: Sequence[str] | None = N
             for j, line in enumerate(lines):
                 draw.text((x + 3, y + cell + 3 + j * line_height), line, fill="black", font=font)
     return sheet
-
-
-def to_pil(image) -> Image.Image:
-    """A float tensor [3, H, W] in [-1, 1] (what the VQ decoder returns) as an RGB picture."""
-    pixels = ((image.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
-    return Image.fromarray(pixels, "RGB")
-
-
-def load_image_tensor(path, size: int):
-    """An image file as a float tensor [1, 3, size, size] in [-1, 1], center-cropped like cm3 ingest."""
-    import torch
-
-    with Image.open(path) as image:
-        square = ImageOps.fit(image.convert("RGB"), (size, size), Image.Resampling.BICUBIC)
-    pixels = torch.from_numpy(np.array(square)).permute(2, 0, 1).float()
-    return (pixels / 127.5 - 1.0)[None]

@@ -100,7 +100,7 @@ class TrainResult:
 
 def training_shards(folder: Path) -> list[Path]:
     """Complete shards (`NNNNN.parquet` + `NNNNN_stats.json`), or every *.parquet in a folder without stats files."""
-    from cm3.pipeline.raw_shards import complete_shards, parquet_path
+    from cm3.core.shards import complete_shards, parquet_path
 
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: shard folder not found")

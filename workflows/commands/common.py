@@ -31,7 +31,7 @@ def clip_identity(clip_dir: Optional[Path], clip_model: Optional[str], clip_pret
     if clip_dir is not None:
         import json
 
-        from cm3.index.clip_embedder import TRAINED_CONFIG_FILE
+        from cm3.tokenizers.clip_embedder import TRAINED_CONFIG_FILE
 
         config_path = clip_dir / TRAINED_CONFIG_FILE
         if not config_path.is_file():
@@ -39,7 +39,7 @@ def clip_identity(clip_dir: Optional[Path], clip_model: Optional[str], clip_pret
         config = json.loads(config_path.read_text())
         return {"model_name": config["model_name"], "pretrained": str((clip_dir / config["checkpoint"]).resolve())}
     if clip_model is not None:
-        from cm3.index.clip_embedder import check_model_source
+        from cm3.tokenizers.clip_embedder import check_model_source
 
         try:
             check_model_source(clip_model, clip_pretrained)

@@ -7,7 +7,8 @@ from typing import Optional
 
 import typer
 
-from cm3.pipeline.url_list import FORMATS, InputError
+from cm3.core.errors import InputError
+from cm3.pipeline.url_list import FORMATS
 from cm3.workflows.commands.common import (
     CLIP_DIR_HELP,
     CLIP_MODEL_HELP,
@@ -171,7 +172,7 @@ def demo_data_serve(
 
       cm3 demo-data serve --n 10000 --write-lists data/lists
     """
-    from cm3.workflows.demo.server import serve_forever
+    from cm3.synthetic.server import serve_forever
 
     serve_forever(n=n, seed=seed, split=split, port=port, write_lists_dir=write_lists)
 
@@ -190,7 +191,7 @@ def demo_data_write_urls(
 
       cm3 demo-data write-urls lists/urls.parquet --n 500 --broken
     """
-    from cm3.workflows.demo.server import write_url_list
+    from cm3.synthetic.server import write_url_list
 
     try:
         write_url_list(path, base_url, n, seed=seed, split=split, include_broken=broken)

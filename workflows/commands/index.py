@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from cm3.pipeline.url_list import InputError
+from cm3.core.errors import InputError
 from cm3.workflows.commands.common import (
     CLIP_DIR_HELP,
     CLIP_MODEL_HELP,
@@ -86,9 +86,9 @@ def search(
     import pyarrow.parquet as pq
     from PIL import Image
 
+    from cm3.core.shards import parquet_path
     from cm3.index.build import load_for_search
-    from cm3.index.clip_embedder import ClipEmbedder
-    from cm3.pipeline import raw_shards
+    from cm3.tokenizers.clip_embedder import ClipEmbedder
     from cm3.workflows.report import image_grid
 
     if query is None and image is None:
@@ -112,7 +112,7 @@ def search(
         pictures, captions = [], []
         for row, score in hits:
             key, shard = documents.column("key")[row].as_py(), documents.column("source_shard")[row].as_py()
-            table = pq.read_table(raw_shards.parquet_path(raw_dir, shard), columns=["key", "jpg"],
+            table = pq.read_table(parquet_path(raw_dir, shard), columns=["key", "jpg"],
                                   filters=[("key", "=", key)])
             pictures.append(Image.open(io.BytesIO(table.column("jpg")[0].as_py())))
             captions.append(f"{score:.2f} {documents.column('caption')[row].as_py()}")

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from cm3.pipeline.url_list import InputError
+from cm3.core.errors import InputError
 from cm3.workflows.commands.common import fail
 
 
@@ -79,9 +79,10 @@ def generate(
 
       cm3 generate "a green circle" --checkpoint ckpt/sft --index data/index -n 8 --rerank
     """
+    from cm3.core.images import to_pil
     from cm3.model.checkpoint import load_checkpoint
     from cm3.model.generation import rerank_by_clip, text_to_image
-    from cm3.workflows.report import image_grid, to_pil
+    from cm3.workflows.report import image_grid
 
     sampling = _sampling("top_p" if method == "mix" else method, guidance, temperature, top_p, cd_alpha, cd_k, seed)
     if rerank and index is None:
@@ -129,9 +130,9 @@ def caption(
     """
     import torch
 
+    from cm3.core.images import load_image_tensor
     from cm3.model.checkpoint import load_checkpoint
     from cm3.model.generation import caption_image
-    from cm3.workflows.report import load_image_tensor
 
     for path in images:
         if not path.is_file():

@@ -10,11 +10,10 @@ import typer
 from cm3.workflows.commands.common import fail
 
 
-SFT_SOURCES = ("captioning", "vqa", "text_to_image", "image_editing", "grounded_generation")
-
-
 def sft_convert(
-    task: str = typer.Option(..., help=f"One of {', '.join(SFT_SOURCES)}."),
+    task: str = typer.Option(..., help="The reader of the source's format: captioning or text_to_image (COCO captions), "
+                                       "vqa (VQA2), image_editing (InstructPix2Pix), grounded_generation, or any other "
+                                       "module of cm3/pipeline/sft_readers/."),
     source: Path = typer.Option(..., help="COCO captions JSON, VQA2 questions JSON, InstructPix2Pix JSONL or grounded records."),
     images: Path = typer.Option(..., help="Folder the records' image names (or ids) are resolved in."),
     tokenizer: Path = typer.Option(..., help="Tokenizer folder (cm3 tokenizer build)."),
@@ -34,28 +33,25 @@ def sft_convert(
     """
     from PIL import Image
 
-    from cm3.model import sft_tasks
+    from cm3.pipeline.sft_readers import readers
+    from cm3.pipeline.sft_tasks import write_task_shards
     from cm3.tokenizers.multimodal import MultimodalTokenizer
 
-    if task not in SFT_SOURCES:
-        fail(f"--task {task!r}: expected one of {', '.join(SFT_SOURCES)}")
-    if task == "vqa" and annotations is None:
-        fail("--task vqa needs --annotations (the VQA2 annotations JSON)")
+    known = readers()
+    if task not in known:
+        fail(f"--task {task!r}: expected one of {', '.join(known)}")
+    reader = known[task]
+    if reader.annotations is not None and annotations is None:
+        fail(f"--task {task} needs --annotations ({reader.annotations})")
 
     def load(ref) -> Image.Image:
         with Image.open(images / image_pattern.format(ref)) as image:
-            return image.convert("RGB")
+            return image.copy()  # as read: cm3.core.images crops, resizes and mattes it as ingest does
 
     try:
         multimodal = MultimodalTokenizer.load(tokenizer)
-        converters = {
-            "captioning": lambda: sft_tasks.captioning_rows(source, multimodal, load, seed),
-            "vqa": lambda: sft_tasks.vqa_rows(source, annotations, multimodal, load, seed),
-            "text_to_image": lambda: sft_tasks.text_to_image_rows(source, multimodal, load, seed),
-            "image_editing": lambda: sft_tasks.editing_rows(source, multimodal, load, seed),
-            "grounded_generation": lambda: sft_tasks.grounded_rows(source, multimodal, load, seed),
-        }
-        written = sft_tasks.write_task_shards(converters[task](), out, multimodal.tokens_per_image, shard_rows)
+        rows = reader.rows(source, multimodal, load, seed, annotations)
+        written = write_task_shards(rows, out, multimodal.tokens_per_image, shard_rows)
     except (ValueError, FileNotFoundError) as err:
         fail(str(err))
     typer.echo(f"{out}: {len(written)} task shard(s) written")
@@ -74,7 +70,8 @@ def sft_demo(
 
       cm3 sft demo --tokenizer runs/demo/tokenizer --out runs/demo/sft --n 500
     """
-    from cm3.model.sft_tasks import demo_tasks, write_task_shards
+    from cm3.pipeline.sft_tasks import write_task_shards
+    from cm3.synthetic.sft_tasks import demo_tasks
     from cm3.tokenizers.multimodal import MultimodalTokenizer
 
     try:

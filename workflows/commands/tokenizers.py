@@ -124,7 +124,7 @@ def clip_train(
 
       cm3 clip train --data runs/demo/raw --out clip/ --seconds 240
     """
-    from cm3.index.clip_training import train_clip
+    from cm3.tokenizers.clip_training import train_clip
 
     try:
         report = train_clip(data, out, model_name=model, steps=steps, batch_size=batch_size, lr=lr,

@@ -1,1 +1,1 @@
-"""The embedded demo data set: captioned synthetic shapes, their pixel checker and a loopback server."""
+"""``cm3 demo``: the whole pipeline on the synthetic data set (``cm3.synthetic``), and its evaluation."""

@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import io
 import re
 from collections.abc import Sequence
 from dataclasses import replace
@@ -21,13 +20,12 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
-from cm3.model.sequences import SequenceConfig, example_ids
-from cm3.pipeline import raw_shards
-from cm3.workflows.demo.checker import read_attributes
-from cm3.workflows.demo.shapes import BACKGROUNDS, COLOURS, POSITIONS, SHAPES, SIZES, ShapeSpec, encode_jpeg, render
-from cm3.workflows.report import to_pil
+from cm3.core.images import decode, pixels_to_tensor, square_pixels, to_pil
+from cm3.core.shards import complete_shards, parquet_path
+from cm3.synthetic.checker import read_attributes
+from cm3.synthetic.shapes import BACKGROUNDS, COLOURS, POSITIONS, SHAPES, SIZES, ShapeSpec, encode_jpeg, render
+from cm3.tokenizers.layout import pretraining_example
 
 _WORDS = re.compile(r"[a-z]+")
 
@@ -46,12 +44,12 @@ def names_colour_and_shape(text: str, colour: str, shape: str) -> bool:
 def retrieval_agreement(augmented_dir: Path, tokens_dir: Path) -> dict:
     """Share of neighbours naming the query's colour and shape, over every augmented row."""
     captions = {}
-    for shard in raw_shards.complete_shards(tokens_dir):
-        table = pq.read_table(raw_shards.parquet_path(tokens_dir, shard), columns=["key", "caption"])
+    for shard in complete_shards(tokens_dir):
+        table = pq.read_table(parquet_path(tokens_dir, shard), columns=["key", "caption"])
         captions.update(zip(table.column("key").to_pylist(), table.column("caption").to_pylist()))
     agree = total = rows_without = 0
-    for shard in raw_shards.complete_shards(augmented_dir):
-        table = pq.read_table(raw_shards.parquet_path(augmented_dir, shard), columns=["caption", "neighbour_keys"])
+    for shard in complete_shards(augmented_dir):
+        table = pq.read_table(parquet_path(augmented_dir, shard), columns=["caption", "neighbour_keys"])
         for caption, neighbours in zip(table.column("caption").to_pylist(), table.column("neighbour_keys").to_pylist()):
             colours, shapes = named_attributes(caption)
             rows_without += not neighbours
@@ -89,9 +87,8 @@ def spec_images(specs: Sequence[ShapeSpec], resolution: int, as_served: bool = F
     server sends, so their codes match the training images' codes."""
     rendered = [render(spec, resolution) for spec in specs]
     if as_served:
-        rendered = [Image.open(io.BytesIO(encode_jpeg(image))).convert("RGB") for image in rendered]
-    pixels = np.stack([np.asarray(image) for image in rendered])
-    return torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+        rendered = [decode(encode_jpeg(image)) for image in rendered]
+    return pixels_to_tensor(np.stack([square_pixels(image, resolution) for image in rendered]))
 
 
 def spec_codes(tokenizer, specs: Sequence[ShapeSpec]) -> torch.Tensor:
@@ -102,10 +99,8 @@ def spec_codes(tokenizer, specs: Sequence[ShapeSpec]) -> torch.Tensor:
 def caption_first_documents(tokenizer, texts: Sequence[str], codes: torch.Tensor) -> list[list[int]]:
     """Each image's codes after its text, laid out as pretraining lays out a caption-first example without
     retrieved documents (``<eod> text <break> IMG <eod>``)."""
-    layout = SequenceConfig(seq_len=8, retrieved_min=0, retrieved_max=0, image_first=0.0, cm3=False)
-    rng = np.random.default_rng(0)  # draws nothing that matters: no neighbours, always caption first
-    return [example_ids({"text_ids": tokenizer.text.encode(text), "image_ids": image_codes.numpy()},
-                        tokenizer.vocab, layout, rng) for text, image_codes in zip(texts, codes)]
+    return [pretraining_example(tokenizer.vocab, tokenizer.encode_caption(text), image_codes.numpy(), "caption_first")
+            for text, image_codes in zip(texts, codes)]
 
 
 ATTRIBUTE_VALUES: dict[str, Sequence[str]] = {"colour": list(COLOURS), "shape": SHAPES, "size": SIZES,

@@ -11,7 +11,6 @@ image, not the paper's 1024) so that every stage fits on 2 CPU cores.
 
 from __future__ import annotations
 
-import io
 import json
 import shutil
 import time
@@ -23,14 +22,16 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
-from cm3.pipeline import raw_shards
-from cm3.pipeline.download import DownloadSettings, run_download
+from cm3.core.files import read_json, write_json
+from cm3.core.images import decode, to_pil
+from cm3.core.shards import complete_shards, parquet_path
+from cm3.pipeline.download import SUMMARY_FILE, DownloadSettings, run_download
 from cm3.pipeline.summary import format_summary
 from cm3.pipeline.url_list import open_url_list
-from cm3.workflows.demo.checker import read_attributes
-from cm3.workflows.demo.server import DemoDataServer, write_url_list
+from cm3.synthetic.checker import read_attributes
+from cm3.synthetic.server import DemoDataServer, write_url_list
 from cm3.workflows.ray_session import connect
-from cm3.workflows.report import image_grid, to_pil
+from cm3.workflows.report import image_grid
 
 DONE = ".done"
 DEMO_SHARD_ROWS = 250
@@ -81,11 +82,11 @@ def _done(folder: Path) -> bool:
 
 def _mark_done(folder: Path, info: dict) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    raw_shards.write_json_atomic(folder / DONE, {"finished": time.time(), **info})
+    write_json(folder / DONE, {"finished": time.time(), **info})
 
 
 def _info(folder: Path) -> dict:
-    return raw_shards.read_json(folder / DONE)
+    return read_json(folder / DONE)
 
 
 def _port_of(url_list: Path) -> int:
@@ -149,7 +150,7 @@ def start_clip_stage(workdir: Path, raw: Path, size: DemoSize):
     """Start training the demo CLIP as a one-CPU Ray task (it runs beside the VQ-GAN); None if done."""
     import ray
 
-    from cm3.index.clip_training import train_clip
+    from cm3.tokenizers.clip_training import train_clip
 
     folder = workdir / "clip"
     if _done(folder):
@@ -164,7 +165,7 @@ def finish_clip_stage(workdir: Path, pending) -> dict:
     """Wait for the CLIP task started by ``start_clip_stage``; the identity that tokenize embeds with."""
     import ray
 
-    from cm3.index.clip_embedder import TRAINED_CONFIG_FILE
+    from cm3.tokenizers.clip_embedder import TRAINED_CONFIG_FILE
 
     folder = workdir / "clip"
     if pending is not None:
@@ -224,7 +225,8 @@ def train_stage(workdir: Path, stage: str, shards: Path, size: DemoSize, tokeniz
 
 
 def sft_data_stage(workdir: Path, tokenizer_dir: Path, size: DemoSize) -> Path:
-    from cm3.model.sft_tasks import demo_tasks, write_task_shards
+    from cm3.pipeline.sft_tasks import write_task_shards
+    from cm3.synthetic.sft_tasks import demo_tasks
     from cm3.tokenizers.multimodal import MultimodalTokenizer
 
     folder = workdir / "sft-data"
@@ -243,9 +245,9 @@ def evaluate_stage(workdir: Path, checkpoint: Path, index: Path, augmented: Path
     from cm3.index.query import Retriever
     from cm3.model.checkpoint import load_checkpoint
     from cm3.model.generation import SamplingConfig, caption_image, text_to_image
-    from cm3.model.sft_tasks import TEMPLATES
+    from cm3.pipeline.sft_tasks import TEMPLATES
+    from cm3.synthetic.shapes import spec_for
     from cm3.workflows.demo import evaluate
-    from cm3.workflows.demo.shapes import spec_for
 
     report = workdir / "report"
     report.mkdir(parents=True, exist_ok=True)
@@ -330,7 +332,7 @@ def evaluate_stage(workdir: Path, checkpoint: Path, index: Path, augmented: Path
 
 def _retrieval_examples(augmented: Path, tokenizer, path: Path, rows: int = 4) -> None:
     """Each query image followed by its retrieved neighbours, decoded from their VQ codes."""
-    table = pq.read_table(raw_shards.parquet_path(augmented, raw_shards.complete_shards(augmented)[0])).slice(0, rows)
+    table = pq.read_table(parquet_path(augmented, complete_shards(augmented)[0])).slice(0, rows)
     images, captions = [], []
     for row in table.to_pylist():
         codes = [row["image_ids"], *row["neighbour_image_ids"]][:3]
@@ -346,15 +348,15 @@ def _retrieval_examples(augmented: Path, tokenizer, path: Path, rows: int = 4) -
 def ingest_metrics(raw: Path) -> dict:
     """How much of the demo data arrived, and whether the pixel checker agrees with each caption."""
     agree_colour = agree_shape = checked = 0
-    for shard_id in raw_shards.complete_shards(raw):
-        table = pq.read_table(raw_shards.parquet_path(raw, shard_id), columns=["jpg", "caption", "status"])
+    for shard_id in complete_shards(raw):
+        table = pq.read_table(parquet_path(raw, shard_id), columns=["jpg", "caption", "status"])
         for jpg, caption, status in zip(*(table.column(c).to_pylist() for c in ("jpg", "caption", "status"))):
             if status == "success":
-                reading = read_attributes(Image.open(io.BytesIO(jpg)).convert("RGB"))
+                reading = read_attributes(decode(jpg).convert("RGB"))
                 checked += 1
                 agree_colour += f" {reading.colour} " in f" {caption} "
                 agree_shape += f" {reading.shape}" in caption
-    summary = raw_shards.read_json(raw / raw_shards.SUMMARY_FILE)
+    summary = read_json(raw / SUMMARY_FILE)
     return {"urls": summary["count"], "success_rate": summary["success_rate"],
             "images_per_second": summary.get("this_run", {}).get("images_per_second"),
             "checker_colour_agreement": round(agree_colour / max(checked, 1), 4),

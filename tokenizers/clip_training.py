@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import io
 import math
-import os
 import random
 import time
-import uuid
 from collections import defaultdict
 from pathlib import Path
 
@@ -26,8 +24,10 @@ from PIL import Image
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from cm3.index.clip_embedder import TRAINED_CONFIG_FILE, check_model_source, normalise
-from cm3.pipeline import raw_shards
+from cm3.core.files import atomic_write, write_json
+from cm3.core.schedule import StepBudget, warmup_then_decay
+from cm3.core.shards import complete_shards, parquet_path
+from cm3.tokenizers.clip_embedder import TRAINED_CONFIG_FILE, check_model_source, normalise
 
 CHECKPOINT_FILE = "open_clip_model.safetensors"
 MAX_LOGIT_SCALE = math.log(100)  # OpenCLIP's clamp on the learned temperature
@@ -37,8 +37,8 @@ def load_pairs(data: Path) -> tuple[list[str], list[bytes]]:
     """(captions, JPEG bytes) of the successful rows of every complete raw shard in ``data``."""
     captions: list[str] = []
     jpegs: list[bytes] = []
-    for shard_id in raw_shards.complete_shards(data):
-        table = pq.read_table(raw_shards.parquet_path(data, shard_id), columns=["caption", "jpg", "status"])
+    for shard_id in complete_shards(data):
+        table = pq.read_table(parquet_path(data, shard_id), columns=["caption", "jpg", "status"])
         ok = pc.and_(pc.equal(table["status"], "success"), pc.is_valid(table["jpg"]))
         ok = pc.and_(ok, pc.is_valid(table["caption"]))
         table = table.filter(ok)
@@ -87,14 +87,6 @@ def evaluate(model, tokenizer, preprocess, captions, jpegs, batch_size: int) -> 
     return report
 
 
-def save_checkpoint_atomic(model: torch.nn.Module, path: Path) -> None:
-    """A safetensors state dict that readers see whole or not at all."""
-    staged = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    state = {name: tensor.detach().contiguous().cpu() for name, tensor in model.state_dict().items()}
-    save_file(state, str(staged))
-    os.replace(staged, path)
-
-
 def one_word_neighbours(captions: list[str]) -> list[np.ndarray]:
     """For each caption, the indices of the captions that differ from it in exactly one word.
 
@@ -128,13 +120,6 @@ def _hard_negative_batch(queue: np.ndarray, neighbours: list[np.ndarray], batch_
             batch.append(i)
         queue = queue[1:]
     return np.array(batch, np.int64), queue
-
-
-def _cosine_lr(base_lr: float, progress: float, warmup: float) -> float:
-    """Linear warm-up over the first ``warmup`` of training, then cosine decay to zero."""
-    if progress < warmup:
-        return base_lr * (progress + 1e-3) / warmup
-    return base_lr * 0.5 * (1 + math.cos(math.pi * min(1.0, (progress - warmup) / (1 - warmup))))
 
 
 def train_clip(
@@ -199,15 +184,11 @@ def _train(data: Path, out_dir: Path, model_name: str, steps: int, batch_size: i
     batch_size = min(batch_size, len(train))
     neighbours = one_word_neighbours([captions[i] for i in train]) if hard_negatives > 0 else None
     rng = np.random.default_rng(seed)
-    started, cpu_started = time.monotonic(), time.process_time()
+    budget, cpu_started = StepBudget(steps, seconds_budget), time.process_time()
     step, losses, queue = 0, [], np.array([], dtype=np.int64)
     bar = tqdm(total=steps, desc="clip train", disable=not progress)
     model.train()
-    while step < steps:
-        elapsed = time.monotonic() - started
-        done = max(step / steps, elapsed / seconds_budget if seconds_budget else 0.0)
-        if done >= 1.0:
-            break
+    while (done := budget.progress(step)) < 1.0:
         if len(queue) < 2 * batch_size:
             queue = np.concatenate([queue, rng.permutation(len(train))])
         if neighbours is None:
@@ -216,7 +197,7 @@ def _train(data: Path, out_dir: Path, model_name: str, steps: int, batch_size: i
             batch, queue = _hard_negative_batch(queue, neighbours, batch_size, hard_negatives, rng)
         batch = train[batch]
         for group in optimizer.param_groups:
-            group["lr"] = _cosine_lr(lr, done, warmup)
+            group["lr"] = lr * warmup_then_decay(done, 1.0, warmup, "cosine", offset=1e-3)
         pixels = _pixels([jpegs[i] for i in batch], preprocess_train)
         tokens = tokenizer([captions[i] for i in batch])
         image_features, text_features, logit_scale = model(pixels, tokens)
@@ -231,7 +212,7 @@ def _train(data: Path, out_dir: Path, model_name: str, steps: int, batch_size: i
         bar.update(1)
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
     bar.close()
-    train_seconds, cpu_seconds = time.monotonic() - started, time.process_time() - cpu_started
+    train_seconds, cpu_seconds = budget.elapsed(), time.process_time() - cpu_started
 
     after = evaluate(model, tokenizer, preprocess_val, held_captions, held_jpegs, batch_size)
     head = max(1, min(10, len(losses) // 5))
@@ -251,8 +232,9 @@ def _train(data: Path, out_dir: Path, model_name: str, steps: int, batch_size: i
         "heldout": after,
     }
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_checkpoint_atomic(model, out_dir / CHECKPOINT_FILE)
-    raw_shards.write_json_atomic(
+    state = {name: tensor.detach().contiguous().cpu() for name, tensor in model.state_dict().items()}
+    atomic_write(out_dir / CHECKPOINT_FILE, lambda staged: save_file(state, staged))
+    write_json(
         out_dir / TRAINED_CONFIG_FILE, {"model_name": model_name, "checkpoint": CHECKPOINT_FILE, "report": report}
     )
     return report

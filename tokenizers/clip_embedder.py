@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 MODEL_CONFIG_DIR = Path(__file__).with_name("model_configs")
-TRAINED_CONFIG_FILE = "clip_config.json"  # written by cm3.index.clip_training next to its checkpoint
+TRAINED_CONFIG_FILE = "clip_config.json"  # written by cm3.tokenizers.clip_training next to its checkpoint
 
 ImageBatch = Union[Sequence[Image.Image], np.ndarray]
 
