@@ -27,6 +27,7 @@ def _documented_command_lines():
 
 
 COMMAND_LINES = list(_documented_command_lines())
+CM3 = typer.main.get_command(app)
 
 
 def test_the_guide_shows_the_whole_chain():
@@ -38,7 +39,7 @@ def test_the_guide_shows_the_whole_chain():
 
 @pytest.mark.parametrize("args", COMMAND_LINES)
 def test_documented_command_line_parses(args):
-    command, name, rest = typer.main.get_command(app), "cm3", list(args)
+    command, name, rest = CM3, "cm3", list(args)
     while hasattr(command, "commands"):  # a group: the next word names the command
         assert rest and rest[0] in command.commands, f"cm3 {' '.join(args)}: no command {rest[:1]} in {name}"
         name, rest = rest[0], rest[1:]
