@@ -20,44 +20,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 import torch
 from numpy.typing import ArrayLike
 
 from cm3.model.decoder import CM3
 from cm3.tokenizers import layout
+from cm3.model.sampling_options import CAPTION_METHOD, CAPTION_TOKENS, SamplingConfig
 from cm3.tokenizers.multimodal import MultimodalTokenizer
 from cm3.tokenizers.vocabulary import Vocabulary
 
-METHODS = ("top_p", "cd_k", "greedy")
 ROW_METHODS = ("top_p", "cd_k")  # what a per-row mix may hold (the paper's FID recipe mixes these two)
-
-
-@dataclass
-class SamplingConfig:
-    """How to pick each next token. `guidance_scale` is CFG's alpha_c (1.0: no guidance); `cd_alpha`/`cd_k` are
-    CD-K's plausibility cut-off (not published; 0.1 is CD's usual alpha, k is our choice)."""
-
-    temperature: float = 1.0
-    top_p: float = 0.9
-    guidance_scale: float = 3.0
-    method: str = "top_p"
-    cd_alpha: float = 0.1
-    cd_k: int = 5
-    seed: int | None = 0
-
-    def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
-        if not self.temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if not 0 <= self.cd_alpha <= 1:
-            raise ValueError(f"cd_alpha must be in [0, 1], got {self.cd_alpha}")
-        if self.cd_k < 1:
-            raise ValueError(f"cd_k must be >= 1, got {self.cd_k}")
 
 
 # --- pure functions on logits --------------------------------------------------------------------------------
@@ -292,10 +265,10 @@ def text_to_image(model: CM3, tokenizer: MultimodalTokenizer, prompt: str, n: in
 
 
 def caption_image(model: CM3, tokenizer: MultimodalTokenizer, images: torch.Tensor, question: str | None = None,
-                  sampling: SamplingConfig | None = None, max_new_tokens: int = 32) -> list[str]:
+                  sampling: SamplingConfig | None = None, max_new_tokens: int = CAPTION_TOKENS) -> list[str]:
     """Captions (or, given a question, VQA answers) for images float [B, 3, H, W] in [-1, 1]:
     `<eod> IMG <break> [question]` then text until <eod>."""
-    sampling = sampling or SamplingConfig(method="greedy")
+    sampling = sampling or SamplingConfig(method=CAPTION_METHOD)
     vocab = tokenizer.vocab
     image_ids = tokenizer.encode_image(images).tolist()
     tail = tokenizer.encode_caption(question) if question else []

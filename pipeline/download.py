@@ -8,7 +8,7 @@ stats) and changes the orchestration around them:
 - the URL list is streamed chunk by chunk, and at most ``processes`` shards are in flight;
 - each try of a shard writes into its own staging folder and is committed atomically
   (``commit_shard``), so a rerun after a kill skips exactly the complete shards;
-- Ray retries a failed shard task (``max_shard_retry``), and ``retry_failed`` re-downloads only
+- Ray retries a failed shard task (``DownloadSettings.max_shard_retry``), and ``retry_failed`` re-downloads only
   the rows that failed in complete shards, rewriting those shards in place atomically.
 
 Raw-shard folder of ``cm3 ingest --out DIR`` (img2dataset's parquet layout, committed as ``cm3.core.shards`` says):
@@ -32,7 +32,6 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-import ray
 from tqdm import tqdm
 
 from cm3.core.errors import InputError
@@ -59,7 +58,8 @@ SUMMARY_FILE = "ingest_summary.json"
 
 @dataclass(frozen=True)
 class DownloadSettings:
-    """Everything that decides what a shard contains; stored in ``ingest_config.json``."""
+    """How ``cm3 ingest`` downloads (the command's defaults come from here); ``content_key`` names the settings
+    that decide what a shard contains, which ``ingest_config.json`` keeps so a resume cannot mix them."""
 
     shard_rows: int = 10_000
     image_size: int = 256
@@ -72,6 +72,8 @@ class DownloadSettings:
     thread_count: int = 64
     extract_exif: bool = False
     compute_hash: str | None = "sha256"
+    cpus_per_task: float = 1.0  # Ray CPUs reserved by each shard task
+    max_shard_retry: int = 1  # times Ray re-runs a shard task that failed
 
     def content_key(self) -> dict:
         """The settings a resumed run must share with the run that started the folder."""
@@ -144,7 +146,15 @@ def download_shard(out_dir: str, shard_id: int, table: pa.Table, settings: Downl
     attempt_dir = new_attempt_dir(out, shard_id)
     _download_into(attempt_dir, shard_id, table, settings)
     commit_shard(attempt_dir, out, shard_id)
-    return {**read_stats(out, shard_id), "node_id": ray.get_runtime_context().get_node_id()}
+    return {**read_stats(out, shard_id), "node_id": _node_id()}
+
+
+def _node_id() -> str:
+    """The Ray node a shard task ran on (ray is imported here, in the worker: the command line reads
+    ``DownloadSettings`` at start-up and must not pay for importing ray)."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id()
 
 
 def retry_failed_rows(out_dir: str, shard_id: int, settings: DownloadSettings) -> dict:
@@ -157,7 +167,7 @@ def retry_failed_rows(out_dir: str, shard_id: int, settings: DownloadSettings) -
     statuses = original.column("status").to_pylist()
     failed_rows = [i for i, status in enumerate(statuses) if status != "success"]
     if not failed_rows:
-        return {**read_stats(out, shard_id), "node_id": ray.get_runtime_context().get_node_id()}
+        return {**read_stats(out, shard_id), "node_id": _node_id()}
     attempt_dir = new_attempt_dir(out, shard_id)
     started = time.time()
     _download_into(attempt_dir, shard_id, original.take(failed_rows), settings)
@@ -182,7 +192,7 @@ def retry_failed_rows(out_dir: str, shard_id: int, settings: DownloadSettings) -
     stats = _stats_from_table(merged, started, previous)
     write_json(attempt_dir / stats_path(out, shard_id).name, stats)
     commit_shard(attempt_dir, out, shard_id)
-    return {**stats, "node_id": ray.get_runtime_context().get_node_id()}
+    return {**stats, "node_id": _node_id()}
 
 
 def _stats_from_table(table: pa.Table, started: float, previous: dict) -> dict:
@@ -235,12 +245,12 @@ def run_download(
     settings: DownloadSettings,
     *,
     processes: int,
-    cpus_per_task: float = 1.0,
-    max_shard_retry: int = 1,
     retry_failed: bool = False,
     progress: bool = True,
 ) -> IngestResult:
     """Download every shard of ``spec`` not yet complete in ``out_dir`` on the connected Ray cluster."""
+    import ray
+
     if not ray.is_initialized():
         raise RuntimeError("run_download needs a Ray connection (cm3.workflows.ray_session.connect)")
     out_dir = Path(out_dir).resolve()
@@ -249,7 +259,7 @@ def run_download(
     write_json(out_dir / CONFIG_FILE, _folder_config(spec, settings))
     clear_staging(out_dir)
     done = set(complete_shards(out_dir))
-    task_options = dict(num_cpus=cpus_per_task, max_retries=max_shard_retry, retry_exceptions=True)
+    task_options = dict(num_cpus=settings.cpus_per_task, max_retries=settings.max_shard_retry, retry_exceptions=True)
     download_task = ray.remote(download_shard).options(**task_options)
     retry_task = ray.remote(retry_failed_rows).options(**task_options)
 

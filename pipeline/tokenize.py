@@ -6,7 +6,7 @@ CLIP image and text encoders over a batch; the driver groups the results back by
 (``ShardAssembler``) and commits one token shard per raw shard, atomically and with the same
 numbering, so a killed run resumes shard by shard.
 
-Token shard ``NNNNN.parquet`` (one row per successfully tokenized image; see README):
+Token shard ``NNNNN.parquet`` (one row per successfully tokenized image; docs/formats.md):
 ``key, url, caption, source_shard, text_ids (list<int32>: BPE ids), image_ids
 (fixed_size_list<int16>[tokens_per_image]: VQ code ids)`` and, with CLIP, ``clip_image`` and
 ``clip_text`` (fixed_size_list<float16>[dim], unit norm). Both id columns hold the tokenizers'
@@ -77,7 +77,7 @@ class TokenizeBatch:
 
         torch.set_num_threads(max(1, torch_threads))
         self.tokenizer = MultimodalTokenizer.load(tokenizer_dir, device=device)
-        if torch.device(device).type == "cuda":  # 3x the encode rate on an H200 (VQGAN.for_inference)
+        if torch.device(device).type == "cuda":  # compiled encode on GPUs (docs/benchmarks.md)
             self.tokenizer.vq.for_inference(device, compile=True)
         self.device = device
         self.resolution = self.tokenizer.vq.config.resolution
@@ -137,6 +137,16 @@ class TokenizeBatch:
         return pa.table(columns)
 
 
+@dataclass(frozen=True)
+class TokenizeSettings:
+    """How the tokenize stage runs on Ray (``cm3 tokenize`` takes its defaults from here); what it writes is
+    decided by the tokenizer folder alone."""
+
+    batch_size: int = 32  # images per VQ-encoder call
+    encoders: int | None = None  # VQ-encoder actors; None: one per GPU, else half the cluster's CPUs
+    cpus_per_encoder: float = 1.0  # Ray CPUs, and torch threads, per encoder actor
+
+
 @dataclass
 class TokenizeResult:
     shards_written: list[int] = field(default_factory=list)
@@ -189,8 +199,7 @@ def check_tokenize_inputs(raw_dir: Path, tokenizer_dir: Path) -> list[int]:
 
 
 def run_tokenize(raw_dir: Path, tokens_dir: Path, tokenizer_dir: Path, *, clip: dict | None = None,
-                 batch_size: int = 32, encoders: int | None = None, cpus_per_encoder: float = 1.0,
-                 progress: bool = True) -> TokenizeResult:
+                 settings: TokenizeSettings = TokenizeSettings(), progress: bool = True) -> TokenizeResult:
     """Tokenize every complete raw shard that has no complete token shard yet (needs a Ray connection).
 
     ``clip`` ({"model_name", "pretrained"}, see ``ClipEmbedder``) adds CLIP vectors computed from the
@@ -223,6 +232,7 @@ def run_tokenize(raw_dir: Path, tokens_dir: Path, tokenizer_dir: Path, *, clip: 
     started = time.time()
     if pending:
         gpus = ray.cluster_resources().get("GPU", 0)
+        encoders = settings.encoders
         if encoders is None:
             encoders = int(gpus) if gpus >= 1 else max(1, int(ray.cluster_resources().get("CPU", 1) // 2))
         # One block per raw shard: otherwise Ray Data merges small files into one block, every token shard
@@ -234,12 +244,12 @@ def run_tokenize(raw_dir: Path, tokens_dir: Path, tokenizer_dir: Path, *, clip: 
             TokenizeBatch,
             fn_constructor_kwargs={"tokenizer_dir": str(tokenizer_dir.resolve()),
                                    "device": "cuda" if gpus >= 1 else "cpu",
-                                   "torch_threads": max(1, int(cpus_per_encoder)), "clip": clip},
-            batch_size=batch_size,
+                                   "torch_threads": max(1, int(settings.cpus_per_encoder)), "clip": clip},
+            batch_size=settings.batch_size,
             batch_format="pyarrow",
             compute=ray.data.ActorPoolStrategy(size=encoders),
             num_gpus=1 if gpus >= 1 else 0,
-            num_cpus=cpus_per_encoder,
+            num_cpus=settings.cpus_per_encoder,
         )
         with tqdm(total=sum(expected[s] for s in pending), desc="tokenize", unit="img", disable=not progress,
                   dynamic_ncols=True) as bar:

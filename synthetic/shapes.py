@@ -56,7 +56,7 @@ DIAMETER_JITTER = 4.0  # +- pixels around the nominal diameter
 # The URL list's captions (alt text) always name the colour and the shape and each other attribute
 # with this probability, as real alt text names the object and only sometimes its setting. When
 # every caption named all five attributes, CLIP weighed them equally and the paper's 0.9 retrieval
-# filter then dropped exactly the same-object neighbours (README: "The embedded demo data set").
+# filter then dropped exactly the same-object neighbours (docs/demo.md).
 DETAIL_PROBABILITY = 0.5
 DETAILS = ("size", "position", "background")
 

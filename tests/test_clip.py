@@ -18,6 +18,7 @@ from cm3.core.shards import parquet_path, stats_path
 from cm3.synthetic.shapes import encode_jpeg, render, spec_for
 from cm3.tokenizers.clip_embedder import ClipEmbedder, normalise, register_model_configs
 from cm3.tokenizers.clip_training import CHECKPOINT_FILE, train_clip
+from cm3.tokenizers.training_options import ClipTrainOptions
 
 MODEL = "cm3-clip-tiny"
 
@@ -43,7 +44,8 @@ def write_raw_shards(folder: Path, n: int, shards: int = 2) -> None:
 def trained(tmp_path_factory) -> tuple[Path, dict]:
     tmp = tmp_path_factory.mktemp("clip")
     write_raw_shards(tmp / "raw", 200)
-    report = train_clip(tmp / "raw", tmp / "clip", steps=40, batch_size=32, lr=5e-4, torch_threads=1, progress=False)
+    options = ClipTrainOptions(steps=40, batch_size=32, lr=5e-4, torch_threads=1)
+    report = train_clip(tmp / "raw", tmp / "clip", options, progress=False)
     return tmp / "clip", report
 
 

@@ -8,7 +8,6 @@ import re
 import socket
 import struct
 import threading
-import time
 import urllib.error
 import urllib.request
 import zlib
@@ -357,10 +356,32 @@ def test_written_url_list_matches_the_served_one(server, tmp_path, fmt: str) -> 
     assert path.read_bytes() == _get(f"{server.url}/urls.{fmt}?broken=1")[2]
 
 
+class _HeldUntilReleased(threading.Event):
+    """Stands in for the server's ``stopping`` event, which a slow request waits on: here it waits until the test
+    releases it, whatever the timeout, and ``reached`` tells the test that a request is being held."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reached = threading.Event()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        self.reached.set()
+        return super().wait()
+
+
 @pytest.mark.parametrize("name", list(BROKEN_CASES))
-def test_broken_case_has_its_stated_outcome(server, name: str) -> None:
+def test_broken_case_has_its_stated_outcome(server, name: str, monkeypatch) -> None:
     path, expected = BROKEN_CASES[name]
-    assert _outcome(server.url + path, timeout=1.0) == expected
+    if name != "slow":
+        assert _outcome(server.url + path, timeout=60) == expected
+        return
+    held = _HeldUntilReleased()  # the answer never comes before the client gives up, however busy the machine
+    monkeypatch.setattr(server, "stopping", held)
+    try:
+        assert _outcome(server.url + path, timeout=1.0) == expected
+        assert held.reached.is_set()
+    finally:
+        held.set()
 
 
 def _inflated_size(png: bytes) -> int:
@@ -403,27 +424,38 @@ def test_broken_case_details(server, monkeypatch) -> None:
     assert alpha.min() == 0 and alpha.max() == 255
 
 
-def test_slow_request_does_not_block_others(server) -> None:
+def test_slow_request_does_not_block_others(server, monkeypatch) -> None:
+    held = _HeldUntilReleased()
+    monkeypatch.setattr(server, "stopping", held)
     outcome: list[str] = []
     slow = threading.Thread(target=lambda: outcome.append(_outcome(server.url + "/broken/slow.jpg", 1.0)))
     slow.start()
-    time.sleep(0.2)  # the slow request is now sleeping on the server
-    started = time.monotonic()
-    assert _get(f"{server.url}/images/train/2.jpg")[0] == 200
-    assert time.monotonic() - started < 0.5
-    slow.join()
-    assert outcome == ["timeout"]
+    try:
+        assert held.reached.wait(60), "the slow request never reached the server"
+        assert _get(f"{server.url}/images/train/2.jpg", timeout=60)[0] == 200  # served while the slow one is held
+        slow.join()
+        assert outcome == ["timeout"]  # the server holds the slow answer until released: the client gives up
+    finally:
+        held.set()
+
+
+def _handler_threads() -> set[threading.Thread]:
+    return {t for t in threading.enumerate() if "process_request_thread" in t.name}
 
 
 def test_client_hanging_up_early_prints_nothing(server, capfd) -> None:
     port = int(server.url.rsplit(":", 1)[1])
+    before = _handler_threads()
     for path in ("/broken/huge.png", "/images/train/1.jpg", "/urls.parquet") * 3:
         with socket.socket() as client:
             client.connect(("127.0.0.1", port))
             client.sendall(f"GET {path} HTTP/1.0\r\n\r\n".encode())
             client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # reset on close
-    time.sleep(0.3)  # let the server threads hit the reset
+    # Connections are accepted in order: once this one is answered, every reset one has its handler thread.
     assert _get(f"{server.url}/images/train/0.jpg")[0] == 200
+    for thread in _handler_threads() - before:
+        thread.join(60)
+        assert not thread.is_alive()
     err = capfd.readouterr().err
     assert "Traceback" not in err and "Error" not in err, err
 

@@ -231,12 +231,27 @@ def test_killed_driver_resumes_with_the_same_data_order(tmp_path, tokenizer_dir,
 
 
 def _stop_orphans(session: int) -> None:
-    """SIGKILL leaves the killed driver's local Ray cluster (same session id) running: end it."""
+    """SIGKILL leaves the killed driver's local Ray cluster (same session id) running: end it, and wait until its
+    processes are gone (zombies awaiting their reaper count as gone)."""
     try:
         os.killpg(session, signal.SIGKILL)
     except ProcessLookupError:
-        pass
-    time.sleep(2)
+        return
+    deadline = time.monotonic() + 60
+    while _group_alive(session) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _group_alive(session), f"processes of session {session} outlived SIGKILL"
+
+
+def _group_alive(group: int) -> bool:
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # state, ppid, pgrp, ...
+        except (OSError, IndexError):
+            continue  # the process ended while being read
+        if int(fields[2]) == group and fields[0] not in ("Z", "X"):
+            return True
+    return False
 
 
 def test_bad_inputs_fail_before_training_with_the_path_named(tmp_path, tokenizer_dir, vocab, pretrained):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pyarrow as pa
@@ -16,7 +17,8 @@ from cm3.synthetic import shapes
 from cm3.tokenizers.vq_data import is_heldout, load_images, random_batch
 from cm3.tokenizers.vq_losses import LPIPS
 from cm3.tokenizers.vq_metrics import evaluate, psnr, ssim
-from cm3.tokenizers.vq_training import CodebookTracker, TrainOptions, _lr_factor, demo_training_options, train_vqgan
+from cm3.tokenizers.training_options import TrainOptions, demo_training_options
+from cm3.tokenizers.vq_training import CodebookTracker, _lr_factor, train_vqgan
 from cm3.tokenizers.vqgan import VQGAN, VQGANConfig
 
 from conftest import cm3
@@ -60,8 +62,8 @@ def test_heldout_split_is_deterministic_by_key() -> None:
 
 
 def test_tiny_run_learns_checkpoints_and_reports(raw, tmp_path) -> None:
-    report = train_vqgan(raw, tmp_path, TINY, steps=60, batch_size=4, lr=3e-3, heldout_fraction=0.25,
-                         progress=False, options=FAST)
+    report = train_vqgan(raw, tmp_path, TINY, heldout_fraction=0.25, progress=False,
+                         options=replace(FAST, steps=60, batch_size=4, lr=3e-3))
     losses = [h["rec_loss"] for h in report["history"]]
     assert losses[-1] < 0.7 * losses[0], losses
     assert report["steps"] == 60 and report["heldout_images"] > 0
@@ -84,17 +86,18 @@ def test_tiny_run_learns_checkpoints_and_reports(raw, tmp_path) -> None:
 
 
 def test_resume_continues_from_the_saved_step_with_the_gan_on(raw, tmp_path) -> None:
-    options = TrainOptions(**{**FAST.__dict__, "disc_start": 4, "disc_channels": 8, "disc_layers": 2})
-    first = train_vqgan(raw, tmp_path, TINY, steps=6, batch_size=2, progress=False, options=options)
+    options = replace(FAST, disc_start=4, disc_channels=8, disc_layers=2, batch_size=2)
+    first = train_vqgan(raw, tmp_path, TINY, progress=False, options=replace(options, steps=6))
     assert first["steps"] == 6 and first["resumed_from_step"] is None
     weights = VQGAN.from_pretrained(tmp_path / "checkpoint").state_dict()
-    second = train_vqgan(raw, tmp_path, TINY, steps=9, batch_size=2, progress=False, options=options)
+    second = train_vqgan(raw, tmp_path, TINY, progress=False, options=replace(options, steps=9))
     assert second["resumed_from_step"] == 6 and second["steps"] == 9 and second["steps_this_run"] == 3
     assert json.loads((tmp_path / "checkpoint" / "training_state.json").read_text())["step"] == 9
     after = VQGAN.from_pretrained(tmp_path / "checkpoint").state_dict()
     assert any(not torch.equal(weights[k], after[k]) for k in weights)
     with pytest.raises(ValueError, match="different config"):
-        train_vqgan(raw, tmp_path, VQGANConfig(**{**TINY.to_dict(), "n_embed": 64}), steps=10, progress=False)
+        train_vqgan(raw, tmp_path, VQGANConfig(**{**TINY.to_dict(), "n_embed": 64}), progress=False,
+                    options=TrainOptions(steps=10))
 
 
 def test_dead_codes_are_restarted_from_recent_latents() -> None:
@@ -133,7 +136,8 @@ def test_psnr_and_ssim_known_values() -> None:
 
 def test_missing_lpips_weights_is_a_clear_error(raw, tmp_path) -> None:
     with pytest.raises(FileNotFoundError, match="LPIPS weights file not found.*nothing is downloaded"):
-        train_vqgan(raw, tmp_path / "out", TINY, steps=1, lpips_weights=tmp_path / "vgg.pth", progress=False)
+        train_vqgan(raw, tmp_path / "out", TINY, lpips_weights=tmp_path / "vgg.pth", progress=False,
+                    options=TrainOptions(steps=1))
 
 
 def test_lpips_reads_local_weights_and_measures_distance(tmp_path) -> None:
@@ -157,9 +161,9 @@ def test_lpips_reads_local_weights_and_measures_distance(tmp_path) -> None:
 def test_cosine_codebook_does_not_collapse_on_a_tiny_run(raw, tmp_path) -> None:
     """The demo preset's l2-normalised codebook with frequent dead-code restarts keeps many codes in use."""
     config = VQGANConfig(**{**TINY.to_dict(), "l2_normalize": True})
-    options = TrainOptions(**{**FAST.__dict__, "codebook_weight": 0.25, "restart_every": 5, "dead_code_steps": 10})
-    report = train_vqgan(raw, tmp_path, config, steps=30, batch_size=4, lr=3e-3, heldout_fraction=0.25,
-                         progress=False, options=options)
+    options = replace(FAST, codebook_weight=0.25, restart_every=5, dead_code_steps=10, steps=30, batch_size=4,
+                      lr=3e-3)
+    report = train_vqgan(raw, tmp_path, config, heldout_fraction=0.25, progress=False, options=options)
     assert report["train_codebook_usage"] >= 0.25, report["train_codebook_usage"]
     assert report["heldout_codebook_usage"] >= 0.1, report["heldout_codebook_usage"]
     model = VQGAN.from_pretrained(tmp_path / "checkpoint")
@@ -189,8 +193,8 @@ def test_fsq_tiny_run_learns_without_codebook_restarts(raw, tmp_path) -> None:
     config = VQGANConfig(**{**TINY.to_dict(), "embed_dim": 3, "fsq_levels": (4, 4, 2), "patch_size": 2,
                             "ch_mult": (1, 2)})
     assert config.tokens_per_image == TINY.tokens_per_image  # 2x2 patches + one halving = TINY's three levels
-    report = train_vqgan(raw, tmp_path, config, steps=40, batch_size=4, lr=3e-3, heldout_fraction=0.25,
-                         progress=False, options=FAST)
+    report = train_vqgan(raw, tmp_path, config, heldout_fraction=0.25, progress=False,
+                         options=replace(FAST, steps=40, batch_size=4, lr=3e-3))
     losses = [h["rec_loss"] for h in report["history"]]
     assert losses[-1] < 0.7 * losses[0], losses
     assert report["dead_code_restarts"] == 0
@@ -199,9 +203,10 @@ def test_fsq_tiny_run_learns_without_codebook_restarts(raw, tmp_path) -> None:
 
 
 def test_ema_weights_are_saved_and_evaluated_and_resume_keeps_both(raw, tmp_path) -> None:
-    options = TrainOptions(**{**FAST.__dict__, "ema_decay": 0.9, "checkpoint_every": 100})
-    run = dict(batch_size=2, lr=3e-3, heldout_fraction=0.25, progress=False)
-    first = train_vqgan(raw, tmp_path, TINY, steps=8, options=options, **run)
+    plain = replace(FAST, batch_size=2, lr=3e-3)
+    options = replace(plain, ema_decay=0.9, checkpoint_every=100)
+    run = dict(heldout_fraction=0.25, progress=False)
+    first = train_vqgan(raw, tmp_path, TINY, options=replace(options, steps=8), **run)
     saved = VQGAN.from_pretrained(tmp_path / "checkpoint")
     raw_weights = torch.load(tmp_path / "checkpoint" / "training_state.pt", weights_only=True)["raw_model"]
     assert any(not torch.equal(saved.state_dict()[k], raw_weights[k]) for k in raw_weights)  # average != raw
@@ -210,25 +215,24 @@ def test_ema_weights_are_saved_and_evaluated_and_resume_keeps_both(raw, tmp_path
     assert held.any()
     assert evaluate(saved.eval(), images[held])["psnr"] == pytest.approx(first["heldout_psnr_db"], abs=1e-4)
 
-    second = train_vqgan(raw, tmp_path, TINY, steps=10, options=options, **run)
+    second = train_vqgan(raw, tmp_path, TINY, options=replace(options, steps=10), **run)
     assert second["resumed_from_step"] == 8
     resumed = torch.load(tmp_path / "checkpoint" / "training_state.pt", weights_only=True)["raw_model"]
     assert any(not torch.equal(resumed[k], raw_weights[k]) for k in raw_weights)  # training went on from the raw ones
 
-    train_vqgan(raw, tmp_path / "plain", TINY, steps=2, options=FAST, **run)
+    train_vqgan(raw, tmp_path / "plain", TINY, options=replace(plain, steps=2), **run)
     with pytest.raises(ValueError, match="without ema_decay"):
-        train_vqgan(raw, tmp_path / "plain", TINY, steps=4, options=options, **run)
+        train_vqgan(raw, tmp_path / "plain", TINY, options=replace(options, steps=4), **run)
     with pytest.raises(ValueError, match="ema_decay must be in"):
-        train_vqgan(raw, tmp_path / "bad", TINY, steps=2, options=TrainOptions(**{**FAST.__dict__, "ema_decay": 1.0}),
-                    **run)
+        train_vqgan(raw, tmp_path / "bad", TINY, options=replace(plain, steps=2, ema_decay=1.0), **run)
 
 
 def test_device_argument_trains_the_same_batches_and_the_cli_refuses_a_missing_gpu(raw, tmp_path) -> None:
-    default = train_vqgan(raw, tmp_path / "default", TINY, steps=4, batch_size=2, progress=False, options=FAST)
+    options = replace(FAST, steps=4, batch_size=2)
+    default = train_vqgan(raw, tmp_path / "default", TINY, progress=False, options=options)
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     for device in devices:
-        report = train_vqgan(raw, tmp_path / device, TINY, steps=4, batch_size=2, progress=False, options=FAST,
-                             device=device)
+        report = train_vqgan(raw, tmp_path / device, TINY, progress=False, options=options, device=device)
         assert report["steps"] == 4
         weights = VQGAN.from_pretrained(tmp_path / device / "checkpoint").state_dict()
         expected = VQGAN.from_pretrained(tmp_path / "default" / "checkpoint").state_dict()

@@ -28,6 +28,7 @@ from cm3.core.files import atomic_write, write_json
 from cm3.core.schedule import StepBudget, warmup_then_decay
 from cm3.core.shards import complete_shards, parquet_path
 from cm3.tokenizers.clip_embedder import TRAINED_CONFIG_FILE, check_model_source, normalise
+from cm3.tokenizers.training_options import ClipTrainOptions
 
 CHECKPOINT_FILE = "open_clip_model.safetensors"
 MAX_LOGIT_SCALE = math.log(100)  # OpenCLIP's clamp on the learned temperature
@@ -125,35 +126,24 @@ def _hard_negative_batch(queue: np.ndarray, neighbours: list[np.ndarray], batch_
 def train_clip(
     data: str | Path,
     out_dir: str | Path,
-    model_name: str = "cm3-clip-tiny",
-    steps: int = 450,
-    batch_size: int = 64,
-    lr: float = 1e-3,
-    weight_decay: float = 0.1,
-    warmup: float = 0.05,
-    hard_negatives: float = 0.0,
-    holdout_fraction: float = 0.1,
+    options: ClipTrainOptions = ClipTrainOptions(),
+    *,
     seconds_budget: float | None = None,
-    seed: int = 0,
-    torch_threads: int | None = None,
     progress: bool = True,
 ) -> dict:
-    """Train ``model_name`` from random init with OpenCLIP's contrastive loss; return the report.
+    """Train ``options.model_name`` from random init with OpenCLIP's contrastive loss; return the report.
 
-    The cosine schedule runs over ``steps`` or ``seconds_budget``, whichever ends first, so a time
-    budget still ends at a low learning rate. ``hard_negatives`` is the share of each batch
-    that are partners of other batch members whose captions differ in exactly one word (0: plain
-    random batches; on the demo data 0.5 did not beat 0 with the ResNet tower). ``torch_threads``
-    (default: torch's own) is set for
-    the run only; 1 is fastest on small shared machines. Writes ``out_dir/open_clip_model.safetensors`` and
+    The cosine schedule runs over ``options.steps`` or ``seconds_budget``, whichever ends first, so a time
+    budget still ends at a low learning rate. Writes ``out_dir/open_clip_model.safetensors`` and
     ``out_dir/clip_config.json`` (model name, checkpoint file name, report).
     """
     previous_threads = torch.get_num_threads()
-    if torch_threads:
-        torch.set_num_threads(torch_threads)
+    if options.torch_threads:
+        torch.set_num_threads(options.torch_threads)
     try:
-        return _train(Path(data), Path(out_dir), model_name, steps, batch_size, lr, weight_decay, warmup,
-                      hard_negatives, holdout_fraction, seconds_budget, seed, progress)
+        return _train(Path(data), Path(out_dir), options.model_name, options.steps, options.batch_size, options.lr,
+                      options.weight_decay, options.warmup, options.hard_negatives, options.holdout_fraction,
+                      seconds_budget, options.seed, progress)
     finally:
         torch.set_num_threads(previous_threads)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ from cm3.core.files import atomic_folder, recover_folder, write_json
 from cm3.core.schedule import StepBudget, decay, warmup
 from cm3.tokenizers.vq_data import is_heldout, load_images, random_batch
 from cm3.tokenizers.vq_losses import LPIPS, PatchDiscriminator, adaptive_weight, hinge_d_loss
+from cm3.tokenizers.training_options import TrainOptions
 from cm3.tokenizers.vq_metrics import evaluate, write_reconstructions
 from cm3.tokenizers.vqgan import VQGAN, VQGANConfig
 
@@ -29,52 +30,6 @@ STATE_TENSORS = "training_state.pt"
 STATE_JSON = "training_state.json"
 
 
-@dataclass
-class TrainOptions:
-    """Loss weights and schedule knobs (taming's losses; the GAN starts late). ``demo_training_options``
-    holds the values tuned for the "demo" preset."""
-
-    l1_weight: float = 1.0
-    l2_weight: float = 1.0
-    codebook_weight: float = 1.0
-    perceptual_weight: float = 1.0  # only used when lpips_weights is given
-    disc_start: int = 10_000_000  # the GAN does not pay off within a few CPU minutes
-    disc_weight: float = 0.8
-    disc_lr_scale: float = 1.0
-    disc_channels: int = 64
-    disc_layers: int = 3
-    dead_code_steps: int = 200  # a code unused this many steps is re-initialised
-    restart_every: int = 100
-    usage_window: int = 50  # steps over which training codebook usage is measured
-    crop_size: int | None = 128  # random square crops: 4x cheaper steps than 256; None = full images
-    # Draw this many candidate crops per image and keep the busiest (largest pixel variance): on images
-    # that are mostly flat (the demo's shapes, product photos) plain random crops are mostly background.
-    crop_candidates: int = 1
-    # This share of each batch is cropped at a plain random position instead: the busiest crops hardly ever
-    # show flat background far from a shape, which a whole image then decodes with ghost patches.
-    plain_crop_share: float = 0.0
-    warmup_steps: int = 5
-    # Exponential moving average of the weights (decay per step, warmed up as min(decay, (1 + t) / (10 + t))):
-    # the checkpoint and the report then hold the averaged weights, the training state the raw ones. None = off.
-    ema_decay: float | None = None
-    min_lr_fraction: float = 0.05  # cosine decay, over max(step, time) progress, down to this
-    checkpoint_every: int = 200
-    log_every: int = 25
-    eval_batch_size: int = 16
-    num_threads: int | None = 1  # on a shared 2-core box one thread ran 3x faster than two; None = leave as is
-
-
-def demo_training_options() -> TrainOptions:
-    """Options for the "demo" preset: 128-pixel crops, three in four chosen as the busiest (largest pixel
-    variance) of 4 positions, since random crops of the mostly flat demo images are mostly background (the model
-    is convolutional; evaluation uses full 256x256 images), and one in four at a plain random position, so flat
-    background far from any shape is trained too; the learning rate warms up over 1,000 steps.
-    Measured, 600 s on 2 cores: with the 1,000-step warm-up 29.7 / 28.4 / 29.1 dB for seeds 0 / 1 / 2; with
-    taming's 5 steps 28.7 (27.7 on a rerun) / 28.5 / 26.2 dB (fast early steps pushed seed 2's FSQ latents into
-    tanh's flat tails: a fifth of the codes used); without the plain share 26.7 dB (whole black backgrounds
-    decoded with green ghost patches)."""
-    return TrainOptions(crop_size=128, crop_candidates=4, plain_crop_share=0.25, usage_window=30,
-                        warmup_steps=1000)
 
 
 # --- codebook usage and restarts ----------------------------------------------------------------
@@ -162,9 +117,6 @@ def train_vqgan(
     out_dir: str | os.PathLike[str],
     config: VQGANConfig,
     *,
-    steps: int = 100_000,
-    batch_size: int = 4,
-    lr: float = 2e-4,  # 1e-3 and 5e-4 diverged/collapsed on the demo preset; 2e-4 did not
     seconds_budget: float | None = None,
     heldout_fraction: float = 0.05,
     seed: int = 0,
@@ -174,7 +126,7 @@ def train_vqgan(
     options: TrainOptions | None = None,
     device: str | torch.device = "cpu",
 ) -> dict[str, Any]:
-    """Train until ``steps`` or ``seconds_budget`` (training wall clock), checkpoint, evaluate, report.
+    """Train until ``options.steps`` or ``seconds_budget`` (training wall clock), checkpoint, evaluate, report.
 
     On ``device="cuda"`` the models train there in float32 (the images stay in CPU memory as uint8 and each
     batch is drawn there with the same generator, so a seed gives the same batches on any device)."""
@@ -184,16 +136,16 @@ def train_vqgan(
     if options.num_threads:
         torch.set_num_threads(options.num_threads)
     try:
-        return _train(data, Path(out_dir), config, steps, batch_size, lr, seconds_budget, heldout_fraction, seed,
-                      lpips_weights, resume, progress, options, device)
+        return _train(data, Path(out_dir), config, seconds_budget, heldout_fraction, seed, lpips_weights, resume,
+                      progress, options, device)
     finally:
         torch.set_num_threads(previous_threads)
 
 
-def _train(data: str | os.PathLike[str], out: Path, config: VQGANConfig, steps: int, batch_size: int, lr: float,
-           seconds_budget: float | None, heldout_fraction: float, seed: int,
-           lpips_weights: str | os.PathLike[str] | None, resume: bool, progress: bool,
-           options: TrainOptions, device: torch.device) -> dict[str, Any]:
+def _train(data: str | os.PathLike[str], out: Path, config: VQGANConfig, seconds_budget: float | None,
+           heldout_fraction: float, seed: int, lpips_weights: str | os.PathLike[str] | None, resume: bool,
+           progress: bool, options: TrainOptions, device: torch.device) -> dict[str, Any]:
+    steps, batch_size, lr = options.steps, options.batch_size, options.lr
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
@@ -318,8 +270,7 @@ def _train(data: str | os.PathLike[str], out: Path, config: VQGANConfig, steps: 
         "images_per_second": round((step - start_step) * batch_size / max(trained_seconds, 1e-9), 3),
         "dead_code_restarts": restarts,
         "history": history,
-        "settings": {"steps": steps, "batch_size": batch_size, "lr": lr, "seconds_budget": seconds_budget,
-                     "heldout_fraction": heldout_fraction, "seed": seed,
+        "settings": {"seconds_budget": seconds_budget, "heldout_fraction": heldout_fraction, "seed": seed,
                      "lpips_weights": str(lpips_weights) if lpips_weights else None, **asdict(options)},
         "config": config.to_dict(),
     }

@@ -50,7 +50,7 @@ class VQGANConfig:
     # "group": taming's GroupNorm, whose statistics span the whole image, so a model trained on crops meets other
     # statistics on whole images (seen: one large shape tinting a whole white background yellow). "channel":
     # LayerNorm over each pixel's channels (same weight/bias keys): only the middle block's attention still
-    # looks across the image (dropping it cost 1.3 dB on the demo preset).
+    # looks across the image (docs/tokenizer.md).
     norm: str = "group"
     # Cosine-similarity codebook (ViT-VQGAN): l2-normalised latents and codes for the lookup. Off for taming
     # checkpoints (their codes are not normalised); it keeps a small from-scratch model from collapsing.
@@ -153,9 +153,8 @@ PRESETS: dict[str, VQGANConfig] = {
     "f16-1024": VQGANConfig(ch_mult=(1, 1, 2, 2, 4), attn_resolutions=(16,), n_embed=1024),
     # For the embedded CPU demo: 256x256 -> 8x8 = 64 tokens from 1000 codes (a coarser preset of the same code;
     # the 1024-token f8 default is what the tests exercise). 4x4 pixel patches folded into channels (no conv at
-    # full resolution), a 64 -> 8 trunk, FSQ levels (8, 5, 5, 5), per-pixel channel norm: 3.2M parameters.
-    # Held-out PSNR after 600 s on the 2-core CPU machine (batch 4, `demo_training_options`): 28.8, 29.7, 28.4 and
-    # 29.1 dB in four runs (README: "VQ-GAN"); GroupNorm gave 26.4 dB, the earlier taming-layout preset 18.6 dB.
+    # full resolution), a 64 -> 8 trunk, FSQ levels (8, 5, 5, 5), per-pixel channel norm: 3.2M parameters, trained
+    # in minutes on a CPU with `demo_training_options` (docs/tokenizer.md has its runs).
     "demo": VQGANConfig(ch=32, ch_mult=(1, 2, 2, 4), num_res_blocks=1, attn_resolutions=(), z_channels=64,
                         embed_dim=4, n_embed=1000, norm_groups=8, patch_size=4, fsq_levels=(8, 5, 5, 5),
                         norm="channel"),
@@ -471,8 +470,7 @@ class VQGAN(nn.Module):
     def for_inference(self, device: str | torch.device = "cpu", compile: bool = False) -> VQGAN:
         """Move to `device` in eval mode for batched `encode`/`decode`. `compile=True` torch.compiles both paths
         (a one-off compile per batch shape), fusing the GroupNorm + SiLU pairs that dominate the full-resolution
-        layers: on an H200 (bf16, batch 64, f8-8192) encode went from 552 to 1,710 images/s and decode from 417 to
-        1,018 with channels-last weights; channels-last weights without compiling were no faster (decode 331)."""
+        layers; on GPUs the weights go channels-last too (docs/benchmarks.md has the figures)."""
         self.to(device).eval()
         if compile and torch.device(device).type == "cuda":
             self.to(memory_format=torch.channels_last)

@@ -54,6 +54,14 @@ def json_summary(report: dict) -> str:
                      if isinstance(v, (int, float)))
 
 
+def memory_size_text(size: int) -> str:
+    """Bytes as --memory-budget writes them (binary units, as ``parse_bytes`` reads them): 4294967296 -> 4GB."""
+    for power, unit in ((4, "T"), (3, "G"), (2, "M"), (1, "K")):
+        if size % 1024**power == 0:
+            return f"{size // 1024**power}{unit}B"
+    return str(size)
+
+
 def parse_bytes(text: str) -> int:
     """--memory-budget as bytes, or exit 2 saying what a size looks like."""
     from cm3.index.faiss_index import parse_memory_size

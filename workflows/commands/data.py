@@ -8,6 +8,8 @@ from typing import Optional
 import typer
 
 from cm3.core.errors import InputError
+from cm3.pipeline.download import DownloadSettings
+from cm3.pipeline.tokenize import TokenizeSettings
 from cm3.pipeline.url_list import FORMATS
 from cm3.workflows.commands.common import (
     CLIP_DIR_HELP,
@@ -16,6 +18,9 @@ from cm3.workflows.commands.common import (
     clip_identity,
     fail,
 )
+
+DOWNLOAD = DownloadSettings()  # the defaults of `cm3 ingest`
+TOKENIZE = TokenizeSettings()  # the defaults of `cm3 tokenize`
 
 
 def ingest(
@@ -26,14 +31,17 @@ def ingest(
     caption_col: Optional[str] = typer.Option(None, help="Caption column (default: the first of caption, TEXT, text)."),
     ray_address: Optional[str] = typer.Option(None, help="Ray cluster to join (host:port or 'auto'); default: start a local one."),
     processes: Optional[int] = typer.Option(None, min=1, help="Shards downloaded at once (default: the cluster's CPUs)."),
-    threads: int = typer.Option(64, min=1, help="Download threads per shard."),
-    cpus_per_task: float = typer.Option(1.0, min=0.01, help="Ray CPUs reserved by each shard task."),
-    shard_rows: int = typer.Option(10_000, min=1, help="URLs per shard (bounds shard size and memory)."),
-    image_size: int = typer.Option(256, min=8, help="Output side in pixels (center crop)."),
-    resize_mode: str = typer.Option("center_crop", help="img2dataset resize mode: center_crop, border, keep_ratio, no."),
-    timeout: float = typer.Option(10.0, min=0.1, help="Seconds before a download times out."),
-    retries: int = typer.Option(0, min=0, help="Extra tries per URL inside a shard."),
-    max_shard_retry: int = typer.Option(1, min=0, help="Times Ray re-runs a shard task that failed."),
+    threads: int = typer.Option(DOWNLOAD.thread_count, min=1, help="Download threads per shard."),
+    cpus_per_task: float = typer.Option(DOWNLOAD.cpus_per_task, min=0.01,
+                                        help="Ray CPUs reserved by each shard task."),
+    shard_rows: int = typer.Option(DOWNLOAD.shard_rows, min=1, help="URLs per shard (bounds shard size and memory)."),
+    image_size: int = typer.Option(DOWNLOAD.image_size, min=8, help="Output side in pixels (center crop)."),
+    resize_mode: str = typer.Option(DOWNLOAD.resize_mode,
+                                    help="img2dataset resize mode: center_crop, border, keep_ratio, no."),
+    timeout: float = typer.Option(DOWNLOAD.timeout, min=0.1, help="Seconds before a download times out."),
+    retries: int = typer.Option(DOWNLOAD.retries, min=0, help="Extra tries per URL inside a shard."),
+    max_shard_retry: int = typer.Option(DOWNLOAD.max_shard_retry, min=0,
+                                        help="Times Ray re-runs a shard task that failed."),
     retry_failed: bool = typer.Option(False, "--retry-failed", help="Also re-download the rows that failed in complete shards."),
     tokenizer: Optional[Path] = typer.Option(None, help="Tokenizer folder: also tokenize the shards (see cm3 tokenize)."),
     tokens_out: Optional[Path] = typer.Option(None, help="Token shards folder (default: OUT_tokens beside OUT)."),
@@ -56,7 +64,7 @@ def ingest(
 
       cm3 ingest urls.parquet --out data/raw --tokenizer tokenizer/ --tokens-out data/tokens
     """
-    from cm3.pipeline.download import DownloadSettings, check_output_folder, run_download
+    from cm3.pipeline.download import check_output_folder, run_download
     from cm3.pipeline.summary import format_summary
     from cm3.pipeline.tokenize import check_tokenizer_folder, run_tokenize
     from cm3.pipeline.url_list import open_url_list
@@ -69,6 +77,8 @@ def ingest(
         timeout=timeout,
         retries=retries,
         thread_count=threads,
+        cpus_per_task=cpus_per_task,
+        max_shard_retry=max_shard_retry,
     )
     try:
         spec = open_url_list(urls, input_format, url_col, caption_col)
@@ -91,14 +101,7 @@ def ingest(
     if workers > fits:
         typer.echo(f"warning: --processes {workers} but the cluster fits {fits} tasks of {cpus_per_task} CPU; "
                    f"only {fits} shards will download at once (lower --cpus-per-task to run more)", err=True)
-    result = run_download(
-        spec, out, settings,
-        processes=workers,
-        cpus_per_task=cpus_per_task,
-        max_shard_retry=max_shard_retry,
-        retry_failed=retry_failed,
-        progress=progress,
-    )
+    result = run_download(spec, out, settings, processes=workers, retry_failed=retry_failed, progress=progress)
     typer.echo(format_summary(result.summary))
     typer.echo(f"summary: {out / 'ingest_summary.json'}")
     if result.shards_failed:
@@ -122,9 +125,11 @@ def tokenize(
     out: Path = typer.Option(..., "--out", "-o", help="Folder for token shards."),
     tokenizer: Path = typer.Option(..., help="Tokenizer folder (cm3 tokenizer build)."),
     ray_address: Optional[str] = typer.Option(None, help="Ray cluster to join; default: start a local one."),
-    batch_size: int = typer.Option(32, min=1, help="Images per VQ-encoder call."),
-    encoders: Optional[int] = typer.Option(None, min=1, help="VQ-encoder actors (default: one per GPU, else CPUs/2)."),
-    cpus_per_encoder: float = typer.Option(1.0, min=0.1, help="Ray CPUs (and torch threads) per encoder actor."),
+    batch_size: int = typer.Option(TOKENIZE.batch_size, min=1, help="Images per VQ-encoder call."),
+    encoders: Optional[int] = typer.Option(TOKENIZE.encoders, min=1,
+                                           help="VQ-encoder actors (default: one per GPU, else CPUs/2)."),
+    cpus_per_encoder: float = typer.Option(TOKENIZE.cpus_per_encoder, min=0.1,
+                                           help="Ray CPUs (and torch threads) per encoder actor."),
     clip: Optional[Path] = typer.Option(None, help=CLIP_DIR_HELP),
     clip_model: Optional[str] = typer.Option(None, help=CLIP_MODEL_HELP),
     clip_pretrained: Optional[str] = typer.Option(None, help=CLIP_PRETRAINED_HELP),
@@ -150,8 +155,8 @@ def tokenize(
     identity = clip_identity(clip, clip_model, clip_pretrained)
     connect(ray_address)
     try:
-        result = run_tokenize(raw, out, tokenizer, clip=identity, batch_size=batch_size, encoders=encoders,
-                              cpus_per_encoder=cpus_per_encoder, progress=progress)
+        settings = TokenizeSettings(batch_size=batch_size, encoders=encoders, cpus_per_encoder=cpus_per_encoder)
+        result = run_tokenize(raw, out, tokenizer, clip=identity, settings=settings, progress=progress)
     except InputError as err:
         fail(str(err))
     echo_tokenize_result(result, out)

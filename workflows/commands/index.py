@@ -8,25 +8,33 @@ from typing import Optional
 import typer
 
 from cm3.core.errors import InputError
+from cm3.index.build import IndexSettings
 from cm3.workflows.commands.common import (
     CLIP_DIR_HELP,
     CLIP_MODEL_HELP,
     CLIP_PRETRAINED_HELP,
     clip_identity,
     fail,
+    memory_size_text,
     parse_bytes,
 )
+
+INDEX = IndexSettings()  # the defaults of `cm3 build-index`
 
 
 def build_index_command(
     tokens: Path = typer.Argument(..., help="Token shards folder (cm3 tokenize / cm3 ingest --tokenizer)."),
     index: Path = typer.Option(..., "--index", help="Folder for the FAISS index and the document store."),
     out: Path = typer.Option(..., "--out", "-o", help="Folder for the retrieval-augmented shards."),
-    k: int = typer.Option(2, min=0, help="Neighbours per document (the paper's default is 2)."),
-    max_similarity: float = typer.Option(0.9, help="Skip candidates more similar than this to the query or a chosen one."),
-    query_dropout: float = typer.Option(0.0, help="Drop this share of the query's words before embedding (0.2 in training)."),
-    memory_budget: str = typer.Option("4GB", help="Memory the index may use; picks Flat/HNSW/IVF/IVF-PQ."),
-    recall_target: float = typer.Option(0.95, help="Recall@10 against exact search the tuning must reach."),
+    k: int = typer.Option(INDEX.retrieval.k, min=0, help="Neighbours per document (the paper's default is 2)."),
+    max_similarity: float = typer.Option(INDEX.retrieval.max_similarity,
+                                         help="Skip candidates more similar than this to the query or a chosen one."),
+    query_dropout: float = typer.Option(INDEX.retrieval.query_dropout, help="Drop this share of the query's words "
+                                        "before embedding (0.2 in training)."),
+    memory_budget: str = typer.Option(memory_size_text(INDEX.memory_budget_bytes),
+                                      help="Memory the index may use; picks Flat/HNSW/IVF/IVF-PQ."),
+    recall_target: float = typer.Option(INDEX.recall_target,
+                                        help="Recall@10 against exact search the tuning must reach."),
     clip: Optional[Path] = typer.Option(None, help=CLIP_DIR_HELP + " Needed when the shards have no vectors."),
     clip_model: Optional[str] = typer.Option(None, help=CLIP_MODEL_HELP),
     clip_pretrained: Optional[str] = typer.Option(None, help=CLIP_PRETRAINED_HELP),
@@ -47,8 +55,8 @@ def build_index_command(
 
     identity = clip_identity(clip, clip_model, clip_pretrained)
     try:
-        retrieval = RetrievalSettings(k=k, max_similarity=max_similarity, candidates=max(32, 8 * k + 1),
-                                      query_dropout=query_dropout)
+        retrieval = RetrievalSettings(k=k, max_similarity=max_similarity, query_dropout=query_dropout,
+                                      candidates=max(INDEX.retrieval.candidates, 8 * k + 1))
         check_build_inputs(tokens, identity)
     except (InputError, ValueError) as err:
         fail(str(err))

@@ -8,7 +8,11 @@ from typing import Optional
 import typer
 
 from cm3.core.errors import InputError
+from cm3.index.retrieval import DEFAULT_K
+from cm3.model.sampling_options import CAPTION_METHOD, CAPTION_TOKENS, SamplingConfig
 from cm3.workflows.commands.common import fail
+
+SAMPLING = SamplingConfig()  # the defaults of `cm3 generate` (and of `cm3 caption`'s seed)
 
 
 def model_init(
@@ -42,12 +46,10 @@ def model_init(
     typer.echo(f"{out}: {preset} decoder, {num_parameters(config) / 1e6:.1f}M parameters, vocab {config.vocab_size}")
 
 
-def _sampling(method: str, guidance: float, temperature: float, top_p: float, cd_alpha: float, cd_k: int, seed: int):
-    from cm3.model.generation import SamplingConfig
-
+def _sampling(**fields) -> SamplingConfig:
+    """The command's sampling options as a SamplingConfig, or exit 2 naming the bad one."""
     try:
-        return SamplingConfig(temperature=temperature, top_p=top_p, guidance_scale=guidance, method=method,
-                              cd_alpha=cd_alpha, cd_k=cd_k, seed=seed)
+        return SamplingConfig(**fields)
     except ValueError as err:
         fail(str(err))
 
@@ -57,15 +59,16 @@ def generate(
     checkpoint: Path = typer.Option(..., help="Checkpoint folder (decoder + tokenizer)."),
     n: int = typer.Option(4, "-n", min=1, help="Images to sample."),
     out: Path = typer.Option(Path("generated.png"), help="PNG grid to write (the images also go beside it)."),
-    method: str = typer.Option("top_p", help="top_p, cd_k, greedy, or mix (half top-p, half CD-K as in the paper)."),
-    guidance: float = typer.Option(3.0, help="Classifier-free guidance scale (1: none)."),
-    temperature: float = typer.Option(1.0, help="Sampling temperature."),
-    top_p: float = typer.Option(0.9, help="Nucleus mass."),
-    cd_alpha: float = typer.Option(0.1, help="CD-K plausibility cut-off alpha."),
-    cd_k: int = typer.Option(5, help="CD-K: compare with the k-th largest expert probability."),
-    seed: int = typer.Option(0, help="Sampling seed."),
+    method: str = typer.Option(SAMPLING.method,
+                               help="top_p, cd_k, greedy, or mix (half top-p, half CD-K as in the paper)."),
+    guidance: float = typer.Option(SAMPLING.guidance_scale, help="Classifier-free guidance scale (1: none)."),
+    temperature: float = typer.Option(SAMPLING.temperature, help="Sampling temperature."),
+    top_p: float = typer.Option(SAMPLING.top_p, help="Nucleus mass."),
+    cd_alpha: float = typer.Option(SAMPLING.cd_alpha, help="CD-K plausibility cut-off alpha."),
+    cd_k: int = typer.Option(SAMPLING.cd_k, help="CD-K: compare with the k-th largest expert probability."),
+    seed: int = typer.Option(SAMPLING.seed, help="Sampling seed."),
     index: Optional[Path] = typer.Option(None, help="Retrieve documents for the prompt from this index and prepend them."),
-    retrieved: int = typer.Option(2, min=0, help="With --index: how many documents to prepend."),
+    retrieved: int = typer.Option(DEFAULT_K, min=0, help="With --index: how many documents to prepend."),
     rerank: bool = typer.Option(False, "--rerank", help="Order the N images by CLIP score (the index's CLIP model)."),
     device: str = typer.Option("cpu", help="cpu or cuda."),
 ) -> None:
@@ -84,7 +87,8 @@ def generate(
     from cm3.model.generation import rerank_by_clip, text_to_image
     from cm3.workflows.report import image_grid
 
-    sampling = _sampling("top_p" if method == "mix" else method, guidance, temperature, top_p, cd_alpha, cd_k, seed)
+    sampling = _sampling(method="top_p" if method == "mix" else method, guidance_scale=guidance,
+                         temperature=temperature, top_p=top_p, cd_alpha=cd_alpha, cd_k=cd_k, seed=seed)
     if rerank and index is None:
         fail("--rerank scores with the CLIP model of an index: give --index too")
     try:
@@ -115,9 +119,9 @@ def caption(
     images: list[Path] = typer.Argument(..., help="Image files (any size; center-cropped to the tokenizer's)."),
     checkpoint: Path = typer.Option(..., help="Checkpoint folder (decoder + tokenizer)."),
     question: Optional[str] = typer.Option(None, help="Ask a question instead (VQA layout)."),
-    method: str = typer.Option("greedy", help="greedy or top_p."),
-    max_new_tokens: int = typer.Option(32, min=1, help="Longest answer."),
-    seed: int = typer.Option(0, help="Sampling seed (top_p)."),
+    method: str = typer.Option(CAPTION_METHOD, help="greedy or top_p."),
+    max_new_tokens: int = typer.Option(CAPTION_TOKENS, min=1, help="Longest answer."),
+    seed: int = typer.Option(SAMPLING.seed, help="Sampling seed (top_p)."),
     device: str = typer.Option("cpu", help="cpu or cuda."),
 ) -> None:
     """Image to text: caption images, or answer a question about them.
@@ -137,7 +141,7 @@ def caption(
     for path in images:
         if not path.is_file():
             fail(f"{path}: no such image file")
-    sampling = _sampling(method, 1.0, 1.0, 0.9, 0.1, 5, seed)
+    sampling = _sampling(method=method, seed=seed)
     try:
         model, tokenizer = load_checkpoint(checkpoint, device=device)
         size = tokenizer.vq.config.resolution

@@ -62,7 +62,7 @@ def retrieval_agreement(augmented_dir: Path, tokens_dir: Path) -> dict:
 
 def image_accuracy(images: torch.Tensor, specs: Sequence[ShapeSpec]) -> dict:
     """Colour and shape accuracy of generated images [N, 3, H, W] against the specs they were asked for, and
-    shape accuracy per asked size: a coarse tokenizer loses small shapes' corners first (README: "`cm3 demo`")."""
+    shape accuracy per asked size: a coarse tokenizer loses small shapes' corners first (docs/demo.md)."""
     colour = 0
     by_size: dict[str, list[int]] = {}  # size -> [right shapes, images]
     for image, spec in zip(images, specs):

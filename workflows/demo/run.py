@@ -49,16 +49,15 @@ class DemoSize:
     clip_seconds: float = 420.0
     vocab_size: int = 512
     seq_len: int = 320
-    lm_width: int = 128  # d_model of the decoder (the "tiny" preset's 4 layers): 2.5x the steps of width 256
+    lm_width: int = 128  # d_model of the decoder (the "tiny" preset's 4 layers): narrow, so more steps fit the budget
     # RoPE, not the paper's learned absolute positions: an image token's neighbours sit at fixed offsets (1 left, 8
-    # up) wherever its image starts, which rotary attention sees from the first step; 1,000 steps of learned
-    # positions left the image loss at ~1.8 and drew mixed backgrounds, RoPE ~1.05 (README: "`cm3 demo`").
+    # up) wherever its image starts, which rotary attention sees from the first step (docs/demo.md).
     lm_positions: str = "rope"
     # DALL-E's row and column embeddings on image tokens (the demo preset's 8x8 grid): the decoder knows which
-    # cell it is drawing without counting from the image's start (image loss -0.05 nats at 1,000 steps)
+    # cell it is drawing without counting from the image's start
     lm_image_grid: int = 8
-    # share of pretraining documents in captioning order; the rest teach text -> image. At 1,000 steps 0.2
-    # instead of the default 0.5 made the decoder read colour and position words more (README: "`cm3 demo`")
+    # share of pretraining documents in captioning order; the rest teach text -> image. Fewer than the default
+    # half makes the decoder read the caption's words more (docs/demo.md)
     pretrain_image_first: float = 0.2
     pretrain_steps: int = 1000
     pretrain_lr: float = 3e-3
@@ -112,8 +111,8 @@ def ingest_stage(workdir: Path, size: DemoSize) -> Path:
             shutil.rmtree(raw, ignore_errors=True)
             write_url_list(url_list, server.url, size.images, seed=0, split="train")
         print(f"[ingest] demo data served at {server.url}; URL list {url_list}", flush=True)
-        result = run_download(open_url_list(url_list), raw, DownloadSettings(shard_rows=DEMO_SHARD_ROWS),
-                              processes=2, cpus_per_task=0.5)
+        result = run_download(open_url_list(url_list), raw,
+                              DownloadSettings(shard_rows=DEMO_SHARD_ROWS, cpus_per_task=0.5), processes=2)
     finally:
         server.stop()
     print(format_summary(result.summary), flush=True)
@@ -127,7 +126,8 @@ def tokenizer_stage(workdir: Path, raw: Path, size: DemoSize) -> Path:
     """VQ-GAN (demo preset), BPE, and both joined into one tokenizer artefact."""
     from cm3.tokenizers.multimodal import MultimodalTokenizer
     from cm3.tokenizers.text import train_from_shards
-    from cm3.tokenizers.vq_training import demo_training_options, train_vqgan
+    from cm3.tokenizers.training_options import demo_training_options
+    from cm3.tokenizers.vq_training import train_vqgan
     from cm3.tokenizers.vqgan import VQGAN, VQGANConfig
 
     folder = workdir / "tokenizer"
@@ -136,7 +136,7 @@ def tokenizer_stage(workdir: Path, raw: Path, size: DemoSize) -> Path:
         return folder
     print(f"[tokenizer] training the VQ-GAN (demo preset, {size.vq_seconds:.0f} s budget)", flush=True)
     report = train_vqgan(raw, workdir / "vq", VQGANConfig.preset("demo"), seconds_budget=size.vq_seconds,
-                         batch_size=4, lr=2e-4, options=demo_training_options())  # one thread: CLIP has the other
+                         options=demo_training_options())
     print(f"[tokenizer] VQ-GAN held-out PSNR {report['heldout_psnr_db']:.2f} dB after {report['steps']} steps",
           flush=True)
     text = train_from_shards(raw, size.vocab_size)
@@ -151,14 +151,15 @@ def start_clip_stage(workdir: Path, raw: Path, size: DemoSize):
     import ray
 
     from cm3.tokenizers.clip_training import train_clip
+    from cm3.tokenizers.training_options import ClipTrainOptions
 
     folder = workdir / "clip"
     if _done(folder):
         return None
     print(f"[clip] training the demo CLIP on Ray ({size.clip_seconds:.0f} s budget, beside the VQ-GAN)", flush=True)
     task = ray.remote(num_cpus=1, max_retries=0)(train_clip)
-    return task.remote(raw.resolve(), folder.resolve(), seconds_budget=size.clip_seconds, steps=100_000,
-                       torch_threads=1, progress=False)
+    return task.remote(raw.resolve(), folder.resolve(), ClipTrainOptions(steps=100_000, torch_threads=1),
+                       seconds_budget=size.clip_seconds, progress=False)
 
 
 def finish_clip_stage(workdir: Path, pending) -> dict:
@@ -182,7 +183,7 @@ def tokenize_stage(workdir: Path, raw: Path, tokenizer: Path, clip: dict) -> Pat
 
     tokens = workdir / "tokens"
     if not _done(tokens):
-        result = run_tokenize(raw, tokens, tokenizer, clip=clip, cpus_per_encoder=1.0)
+        result = run_tokenize(raw, tokens, tokenizer, clip=clip)
         print(f"[tokenize] {result.rows_tokenized} images in {result.seconds:.1f} s", flush=True)
         _mark_done(tokens, {"images": result.rows_tokenized, "seconds": result.seconds})
     return tokens
