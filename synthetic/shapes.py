@@ -34,15 +34,15 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "purple": (150, 40, 200),
 }
 SIZES = ("small", "large")
-SIZE_CELLS: dict[str, int] = {"small": 2, "large": 4}  # side of the shape's box, in cells
+SIZE_CELLS: dict[str, int] = {"small": 4, "large": 6}  # side of the shape's box, in cells
 SIZE_DIAMETERS: dict[str, float] = {size: float(cells * CELL) for size, cells in SIZE_CELLS.items()}
 POSITIONS = (
     "top left", "top", "top right",
     "left", "center", "right",
     "bottom left", "bottom", "bottom right",
 )  # fmt: skip
-# The first cell of the box along one axis, for (low, middle, high): one cell of margin at the edges.
-AXIS_CELLS: dict[str, tuple[int, int, int]] = {"small": (1, 3, 5), "large": (1, 2, 3)}
+# The first cell of the box along one axis, for (low, middle, high).
+AXIS_CELLS: dict[str, tuple[int, int, int]] = {"small": (0, 2, 4), "large": (0, 1, 2)}
 BACKGROUNDS: dict[str, tuple[int, int, int]] = {
     "white": (255, 255, 255),
     "black": (0, 0, 0),

@@ -65,16 +65,9 @@ class TrainOptions:
 
 
 def demo_training_options() -> TrainOptions:
-    """Options for the "demo" preset: 128-pixel crops, three in four chosen as the busiest (largest pixel
-    variance) of 4 positions, since random crops of the mostly flat demo images are mostly background (the model
-    is convolutional; evaluation uses full 256x256 images), and one in four at a plain random position, so flat
-    background far from any shape is trained too; the learning rate warms up over 1,000 steps.
-    Measured, 600 s on 2 cores: with the 1,000-step warm-up 29.7 / 28.4 / 29.1 dB for seeds 0 / 1 / 2; with
-    taming's 5 steps 28.7 (27.7 on a rerun) / 28.5 / 26.2 dB (fast early steps pushed seed 2's FSQ latents into
-    tanh's flat tails: a fifth of the codes used); without the plain share 26.7 dB (whole black backgrounds
-    decoded with green ghost patches)."""
-    return TrainOptions(crop_size=128, crop_candidates=4, plain_crop_share=0.25, usage_window=30,
-                        warmup_steps=1000)
+    """Options for the "demo" preset: whole 256x256 images (a token is a fixed 32x32 cell, so crops would only
+    shift the cell grid), the learning rate warmed up over 200 steps. Measurements: docs/demo.md."""
+    return TrainOptions(crop_size=None, usage_window=30, warmup_steps=200)
 
 
 # --- codebook usage and restarts ----------------------------------------------------------------

@@ -39,7 +39,8 @@ DONE = ".done"
 RUN_CONFIG = "demo_config.json"  # the DemoSize a work folder was made with; another size is refused
 DEMO_SHARD_ROWS = 250
 GRID_PROMPTS = 8  # prompts per half of the report's picture (seen pairs left, held-out pairs right)
-DATA_PURPOSES = {"train": 0, "sft": 1, "new": 2}  # the images of each purpose come from their own seed
+DATA_PURPOSES = {"train": 0, "sft": 1, "new": 2}
+DEMO_VQ_BATCH, DEMO_VQ_LR = 8, 1e-3  # the demo VQ-GAN's batch and peak learning rate (docs/demo.md)  # the images of each purpose come from their own seed
 
 
 @dataclass(frozen=True)
@@ -48,8 +49,8 @@ class DemoSize:
 
     seed: int = 0  # data draws, every model's initialisation and sampling
     images: int = 2000
-    vq_steps: int = 3000  # the VQ-GAN and the CLIP train side by side, one core each
-    clip_steps: int = 1500
+    vq_steps: int = 2400  # the VQ-GAN and the CLIP train side by side, one core each
+    clip_steps: int = 500
     vocab_size: int = 512
     seq_len: int = 320
     lm_width: int = 128  # d_model of the decoder (the "tiny" preset's 4 layers)
@@ -158,7 +159,7 @@ def tokenizer_stage(workdir: Path, raw: Path, size: DemoSize) -> Path:
         return folder
     print(f"[tokenizer] training the VQ-GAN (demo preset, {size.vq_steps} steps)", flush=True)
     report = train_vqgan(raw, workdir / "vq", VQGANConfig.preset("demo"), steps=size.vq_steps, seed=size.seed,
-                         batch_size=4, lr=2e-4, options=demo_training_options())  # one thread: CLIP has the other
+                         batch_size=DEMO_VQ_BATCH, lr=DEMO_VQ_LR, options=demo_training_options())  # one thread: CLIP has the other
     print(f"[tokenizer] VQ-GAN held-out PSNR {report['heldout_psnr_db']:.2f} dB after {report['steps']} steps",
           flush=True)
     text = train_from_shards(raw, size.vocab_size)
@@ -504,7 +505,8 @@ def run_demo(workdir: Path, size: DemoSize = DemoSize(), fresh: bool = False, ra
         tokenizer = tokenizer_stage(workdir, raw, size)
         metrics["tokenizer"] = {**_info(tokenizer)["vq"], "preset": "demo (8x8 = 64 tokens per image)",
                                 "command": f"cm3 tokenizer train-vq --data {raw} --out {workdir / 'vq'} --preset demo"
-                                           f" --steps {size.vq_steps} --batch-size 4 --threads 1"}
+                                           f" --steps {size.vq_steps} --batch-size {DEMO_VQ_BATCH} --lr {DEMO_VQ_LR}"
+                                           " --threads 1"}
         clip = finish_clip_stage(workdir, pending_clip)
         tokens = tokenize_stage(workdir, raw, tokenizer, clip)
         index, augmented = index_stage(workdir, tokens)
