@@ -14,7 +14,16 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from .shapes import BACKGROUNDS, CANVAS, COLOURS, POSITIONS, SIZE_DIAMETERS, SIZES, ShapeSpec, axis_centres
+from .shapes import (
+    BACKGROUNDS,
+    CANVAS,
+    COLOURS,
+    POSITIONS,
+    SIZE_DIAMETERS,
+    SIZES,
+    ShapeSpec,
+    axis_centres,
+)
 
 BORDER = 3  # width in pixels of the frame whose median is the background colour
 FOREGROUND_DISTANCE = 50.0  # first pass: RGB distance from the background that counts as shape
@@ -29,7 +38,7 @@ ROUND_TAPER_ABOVE = 2.0  # a circle or square wider at the top than this is neit
 CIRCLE_FILL_ABOVE = 0.68
 ASPECT_AT_MOST = 1.5  # every shape of the data set fits a square box; a bar or a smear is none of them
 SQUARE_ABOVE = (np.pi / 4 + 1.0) / 2  # ~0.893
-# Bounding-box extent thresholds midway between the nominal diameters (68 and 112 px).
+# Bounding-box extent thresholds midway between the nominal diameters.
 SIZE_THRESHOLDS = tuple((SIZE_DIAMETERS[a] + SIZE_DIAMETERS[b]) / 2 for a, b in zip(SIZES, SIZES[1:]))
 
 _KERNEL = np.ones((3, 3), np.uint8)
@@ -83,8 +92,9 @@ def _largest_component(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None
     return labels == label, stats[label]
 
 
-def _classify_position(cx: float, cy: float, radius: float) -> str:
-    centres = np.array(axis_centres(radius))
+def _classify_position(cx: float, cy: float, size: str) -> str:
+    """The nearest of the nominal positions of a shape of this size."""
+    centres = np.array(axis_centres(size))
     col = int(np.argmin(np.abs(centres - cx)))
     row = int(np.argmin(np.abs(centres - cy)))
     return POSITIONS[3 * row + col]
@@ -142,13 +152,14 @@ def read_attributes(image: Image.Image | np.ndarray) -> Reading:
     taper = _taper(fine[0], x, y, w, h)
     extent = (w + h) / 2
     cx, cy = x + w / 2, y + h / 2
+    size = _classify_size(extent)
     return Reading(
         ok=True,
         background=background,
         colour=colour,
         shape=_classify_shape(fill_ratio, taper, max(w, h) / min(w, h)),
-        size=_classify_size(extent),
-        position=_classify_position(cx, cy, extent / 2),
+        size=size,
+        position=_classify_position(cx, cy, size),
         foreground_fraction=area / (CANVAS * CANVAS),
         fill_ratio=fill_ratio,
         taper=taper,

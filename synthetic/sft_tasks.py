@@ -6,7 +6,6 @@ from collections.abc import Iterator
 from dataclasses import replace
 
 import numpy as np
-
 from cm3.pipeline.sft_tasks import TaskRow, box_text, chunks, encode_images, make_row
 from cm3.synthetic import shapes
 from cm3.tokenizers.multimodal import MultimodalTokenizer

@@ -91,7 +91,8 @@ def test_default_config_is_cm3leon_f8_with_1024_tokens() -> None:
     assert VQGANConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
     demo = VQGANConfig.preset("demo")
     assert demo.tokens_per_image == 64 and demo.resolution == 256
-    assert demo.fsq_levels and demo.patch_size == 4 and demo.n_embed == 1000  # FSQ and a patch stem: demo only
+    assert demo.fsq_levels and demo.patch_size == 32 and demo.n_embed == 4375  # FSQ and a patch stem: demo only
+    assert demo.stem_kernel == 1 and cfg.stem_kernel == 3  # one token per 32x32 cell, embedded linearly
     assert not cfg.fsq_levels and cfg.patch_size == 1  # the default is taming's layout exactly
     assert demo.norm == "channel" and cfg.norm == "group"
     assert VQGANConfig.from_dict(demo.to_dict()) == demo
@@ -274,6 +275,30 @@ def test_patch_stem_runs_no_convolution_at_full_resolution() -> None:
     assert model.decode(codes).shape == (2, 3, 32, 32)
     with pytest.raises(ValueError, match="patch_size"):
         VQGANConfig(patch_size=0)
+
+
+def test_linear_patch_stem_embeds_each_patch_on_its_own() -> None:
+    """stem_kernel=1: the encoder's first convolution sees one patch only, so changing the pixels of one patch
+    changes its first activations and no other patch's."""
+    torch.manual_seed(0)
+    config = VQGANConfig(ch=16, ch_mult=(1,), num_res_blocks=1, attn_resolutions=(), z_channels=8, embed_dim=3,
+                         n_embed=27, fsq_levels=(3, 3, 3), resolution=32, norm_groups=8, patch_size=8,
+                         stem_kernel=1)
+    model = VQGAN(config).eval()
+    assert model.state_dict()["encoder.conv_in.weight"].shape == (16, 3 * 64, 1, 1)
+    assert model.state_dict()["decoder.conv_out.weight"].shape == (3 * 64, 16, 1, 1)
+    seen = []
+    model.encoder.conv_in.register_forward_hook(lambda module, args, out: seen.append(out))
+    images = _images(1, 32)
+    changed = images.clone()
+    changed[:, :, :8, :8] = -changed[:, :, :8, :8]  # the top-left patch only
+    with torch.no_grad():
+        model.encode(images), model.encode(changed)
+    differs = (seen[0] - seen[1]).abs().amax(dim=1)[0] > 0
+    assert differs[0, 0] and differs.sum() == 1
+    assert model.decode(model.encode(images)).shape == (1, 3, 32, 32)
+    with pytest.raises(ValueError, match="stem_kernel"):
+        VQGANConfig(stem_kernel=5)
 
 
 def test_fsq_numbers_every_grid_point_once_and_round_trips() -> None:

@@ -59,6 +59,10 @@ class VQGANConfig:
     # output is pixel-shuffled back, so no convolution runs at full resolution (where taming's trunk spends
     # most of its compute). 1 = taming's layout exactly. ``attn_resolutions`` count in trunk pixels.
     patch_size: int = 1
+    # Kernel of the encoder's first and the decoder's last convolution. With a large ``patch_size`` these two
+    # carry in_channels * p^2 channels and cost most of the compute at 3; 1 makes them a linear patch
+    # embedding as in ViT (the trunk's 3x3 convolutions still see the neighbouring patches).
+    stem_kernel: int = 3
     # Finite scalar quantization (Mentzer et al., 2023) instead of a learned codebook: each of the
     # ``embed_dim == len(fsq_levels)`` latent channels is bounded and rounded to one of its levels, and the
     # token is the mixed-radix number of the digits (``n_embed == prod(fsq_levels)``). No codebook to
@@ -77,6 +81,8 @@ class VQGANConfig:
             raise ValueError("num_res_blocks must be at least 1")
         if self.patch_size < 1:
             raise ValueError("patch_size must be at least 1")
+        if self.stem_kernel not in (1, 3):
+            raise ValueError(f"stem_kernel must be 1 or 3, got {self.stem_kernel}")
         if self.norm not in NORMS:
             raise ValueError(f"norm must be one of {NORMS}, got {self.norm!r}")
         widths = {self.ch * m for m in self.ch_mult} | {self.ch}
@@ -151,12 +157,12 @@ PRESETS: dict[str, VQGANConfig] = {
     "f8-8192": VQGANConfig(),
     # taming's public ImageNet f16 model: 256x256 -> 16x16 = 256 tokens from 1024 codes.
     "f16-1024": VQGANConfig(ch_mult=(1, 1, 2, 2, 4), attn_resolutions=(16,), n_embed=1024),
-    # For the embedded CPU demo: 256x256 -> 8x8 = 64 tokens from 1000 codes (a coarser preset of the same code;
-    # the 1024-token f8 default is what the tests exercise). 4x4 pixel patches folded into channels (no conv at
-    # full resolution), a 64 -> 8 trunk, FSQ levels (8, 5, 5, 5), per-pixel channel norm: 3.2M parameters, trained
-    # in minutes on a CPU with `demo_training_options` (docs/tokenizer.md has its runs).
-    "demo": VQGANConfig(ch=32, ch_mult=(1, 2, 2, 4), num_res_blocks=1, attn_resolutions=(), z_channels=64,
-                        embed_dim=4, n_embed=1000, norm_groups=8, patch_size=4, fsq_levels=(8, 5, 5, 5),
+    # For the embedded CPU demo: 256x256 -> 8x8 = 64 tokens from 4375 codes. Each token is one 32x32-pixel cell
+    # folded into channels and embedded linearly (the demo's shapes lie on that cell grid), a trunk of 3x3
+    # convolutions on the 8x8 grid, FSQ levels (7, 5, 5, 5, 5), per-pixel channel norm: 1.2M parameters.
+    # Measurements and the presets it replaced: docs/demo.md.
+    "demo": VQGANConfig(ch=64, ch_mult=(1,), num_res_blocks=2, attn_resolutions=(), z_channels=64, embed_dim=5,
+                        n_embed=4375, norm_groups=8, patch_size=32, stem_kernel=1, fsq_levels=(7, 5, 5, 5, 5),
                         norm="channel"),
 }
 
@@ -278,7 +284,7 @@ def _chain(width: int, out: int, count: int) -> list[tuple[int, int]]:
 class Encoder(nn.Module):
     def __init__(self, cfg: VQGANConfig):
         super().__init__()
-        self.conv_in = nn.Conv2d(cfg.in_channels, cfg.ch, 3, padding=1)
+        self.conv_in = nn.Conv2d(cfg.in_channels, cfg.ch, cfg.stem_kernel, padding=cfg.stem_kernel // 2)
         self.down = nn.ModuleList()
         width, res = cfg.ch, cfg.resolution
         for i, mult in enumerate(cfg.ch_mult):
@@ -322,7 +328,7 @@ class Decoder(nn.Module):
             levels.insert(0, level)
         self.up = nn.ModuleList(levels)
         self.norm_out = _normalize(width, cfg.groups)
-        self.conv_out = nn.Conv2d(width, cfg.out_ch, 3, padding=1)
+        self.conv_out = nn.Conv2d(width, cfg.out_ch, cfg.stem_kernel, padding=cfg.stem_kernel // 2)
 
     @property
     def last_layer(self) -> torch.Tensor:

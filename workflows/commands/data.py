@@ -207,7 +207,8 @@ def demo_data_write_urls(
 
 def demo(
     workdir: Path = typer.Option(Path("runs/demo"), help="Where every stage writes; a stage whose output exists is skipped."),
-    small: bool = typer.Option(False, "--small", help="Reduced size (60 images, seconds-long budgets): a smoke test."),
+    seed: int = typer.Option(0, help="Seed of the data draws, every model's initialisation and sampling."),
+    small: bool = typer.Option(False, "--small", help="Reduced size (60 images, a few steps per stage): a smoke test."),
     fresh: bool = typer.Option(False, "--fresh", help="Delete the workdir first and start over."),
     stages: str = typer.Option("all", help="all, or ingest (download only)."),
     ray_address: Optional[str] = typer.Option(None, help="Ray cluster to join; default: start a local one."),
@@ -216,17 +217,25 @@ def demo(
 
     Serve the demo data over loopback -> ingest on Ray -> train the VQ-GAN (demo preset: 64 tokens
     per image), the BPE and a small CLIP -> tokenize -> build-index -> pretrain -> SFT -> generate
-    for held-out prompts and caption held-out images -> WORKDIR/report (report.md, metrics.json, grids).
+    for seen and held-out (shape, colour) pairs and caption new images -> WORKDIR/report (report.md,
+    metrics.json, picture grids).
 
     Examples:
 
       cm3 demo --workdir runs/demo
 
+      cm3 demo --workdir runs/demo-seed1 --seed 1
+
       cm3 demo --workdir /tmp/demo --small --fresh
     """
+    from dataclasses import replace
+
     from cm3.workflows.demo.run import SMALL, DemoSize, run_demo
 
     if stages not in ("all", "ingest"):
         fail(f"--stages {stages!r}: expected all or ingest")
-    run_demo(workdir=workdir, size=SMALL if small else DemoSize(), fresh=fresh, ray_address=ray_address,
-             stages=stages)
+    try:
+        run_demo(workdir=workdir, size=replace(SMALL if small else DemoSize(), seed=seed), fresh=fresh,
+                 ray_address=ray_address, stages=stages)
+    except InputError as err:
+        fail(str(err))

@@ -1,9 +1,10 @@
 """The demo's quality metrics, judged by the demo data's own pixel checker and caption grammar.
 
 - retrieval: share of retrieved neighbours whose caption names the query's colour and shape;
-- text -> image: colour / shape accuracy of images generated for held-out prompts (attribute pairs
-  never seen together in training), read back by ``checker.read_attributes``;
-- image -> text: share of captions of held-out images that name the right colour and shape;
+- text -> image: colour / shape accuracy of images generated for prompts of (shape, colour) pairs seen in
+  training (new draws of the other attributes) and of held-out pairs (never seen together in training),
+  read back by ``checker.read_attributes``;
+- image -> text: share of captions of new images (seen and held-out pairs) that name the right colour and shape;
 - the decoder's image loss given the caption on training images, new images of training pairs and held-out pairs;
 - how much the decoder reads each attribute of the caption: the rise of that loss when one word is swapped;
 - the paper's ablations in miniature: retrieval K=2 vs K=0, CFG vs none, top-p vs CD-K.
@@ -20,11 +21,19 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
-
 from cm3.core.images import decode, pixels_to_tensor, square_pixels, to_pil
 from cm3.core.shards import complete_shards, parquet_path
 from cm3.synthetic.checker import read_attributes
-from cm3.synthetic.shapes import BACKGROUNDS, COLOURS, POSITIONS, SHAPES, SIZES, ShapeSpec, encode_jpeg, render
+from cm3.synthetic.shapes import (
+    BACKGROUNDS,
+    COLOURS,
+    POSITIONS,
+    SHAPES,
+    SIZES,
+    ShapeSpec,
+    encode_jpeg,
+    render,
+)
 from cm3.tokenizers.layout import pretraining_example
 
 _WORDS = re.compile(r"[a-z]+")
@@ -75,6 +84,24 @@ def image_accuracy(images: torch.Tensor, specs: Sequence[ShapeSpec]) -> dict:
     shape = sum(right for right, _ in by_size.values())
     return {"colour_accuracy": colour / n, "shape_accuracy": shape / n, "images": len(specs),
             "shape_accuracy_by_size": {size: right / total for size, (right, total) in sorted(by_size.items())}}
+
+
+def generate_for_specs(model, tokenizer, specs: Sequence[ShapeSpec], samples: int, sampling,
+                       retriever=None, retrieved: int = 0, batch_prompts: int = 16) -> torch.Tensor:
+    """``samples`` images per spec's caption [len(specs) * samples, 3, H, W] (a spec's samples next to each
+    other), with ``retrieved`` documents from ``retriever`` prepended to each prompt; prompts are batched."""
+    from cm3.model.generation import generate_image_tokens, image_prompt
+
+    prompts = []
+    for spec in specs:
+        documents = retriever.for_text(spec.caption, retrieved) if retrieved else []
+        docs = [tokenizer.document(caption, codes, "caption_first") for caption, codes in documents]
+        prompts += [image_prompt(tokenizer.vocab, tokenizer.encode_caption(spec.caption), docs)] * samples
+    rows = batch_prompts * samples
+    ids = [generate_image_tokens(model, tokenizer.vocab, prompts[start:start + rows], tokenizer.tokens_per_image,
+                                 replace(sampling, seed=None if sampling.seed is None else sampling.seed + start))
+           for start in range(0, len(prompts), rows)]
+    return tokenizer.decode_image(torch.cat(ids))
 
 
 def caption_accuracy(captions: Sequence[str], specs: Sequence[ShapeSpec]) -> dict:

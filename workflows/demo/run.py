@@ -6,7 +6,9 @@
 Each stage writes ``WORKDIR/<stage>`` and marks success with a ``.done`` file, so a re-run skips
 finished stages and resumes the rest (every stage is itself resumable); ``--fresh`` starts over.
 The demo's image tokenizer is the ``demo`` preset of the VQ-GAN (8x8 = 64 tokens per 256x256
-image, not the paper's 1024) so that every stage fits on 2 CPU cores.
+image, not the paper's 1024) so that every stage fits on 2 CPU cores; the data set's shapes sit on
+that grid (``cm3.workflows.demo.shapes``). Budgets are steps, not seconds, so that a seed gives the
+same run on any machine.
 """
 
 from __future__ import annotations
@@ -20,8 +22,7 @@ from urllib.parse import urlparse
 
 import pyarrow.parquet as pq
 import torch
-from PIL import Image
-
+from cm3.core.errors import InputError
 from cm3.core.files import read_json, write_json
 from cm3.core.images import decode, to_pil
 from cm3.core.shards import complete_shards, parquet_path
@@ -32,21 +33,24 @@ from cm3.synthetic.checker import read_attributes
 from cm3.synthetic.server import DemoDataServer, write_url_list
 from cm3.workflows.ray_session import connect
 from cm3.workflows.report import image_grid
+from PIL import Image
 
 DONE = ".done"
+RUN_CONFIG = "demo_config.json"  # the DemoSize a work folder was made with; another size is refused
 DEMO_SHARD_ROWS = 250
-GRID_IMAGES = 24  # images per report picture
-SFT_IMAGES_SEED = 1  # the instruction-tuning images' seed (the pretraining images are seed 0's)
-NEW_IMAGES_SEED = 2  # images no stage trains on
+GRID_PROMPTS = 8  # prompts per half of the report's picture (seen pairs left, held-out pairs right)
+DATA_PURPOSES = {"train": 0, "sft": 1, "new": 2}
+DEMO_VQ_BATCH, DEMO_VQ_LR = 8, 1e-3  # the demo VQ-GAN's batch and peak learning rate (docs/demo.md)  # the images of each purpose come from their own seed
 
 
 @dataclass(frozen=True)
 class DemoSize:
-    """Budgets of one demo run; ``SMALL`` is the reduced size the tests run end to end."""
+    """Budgets and settings of one demo run; ``SMALL`` is the reduced size the tests run end to end."""
 
+    seed: int = 0  # data draws, every model's initialisation and sampling
     images: int = 2000
-    vq_seconds: float = 420.0  # the VQ-GAN and the CLIP train side by side, one core each
-    clip_seconds: float = 420.0
+    vq_steps: int = 2400  # the VQ-GAN and the CLIP train side by side, one core each
+    clip_steps: int = 500
     vocab_size: int = 512
     seq_len: int = 320
     lm_width: int = 128  # d_model of the decoder (the "tiny" preset's 4 layers): narrow, so more steps fit the budget
@@ -65,14 +69,20 @@ class DemoSize:
     sft_steps: int = 250
     sft_lr: float = 1e-3
     train_threads: int = 2  # the training worker holds 1 CPU (Ray Data reads beside it) but uses both cores
+    guidance: float = 3.0  # CFG scale of every generation but the "no CFG" ablation
     temperature: float = 0.7  # sampling temperature of every generation (with top-p 0.9 / CD-K and CFG)
-    prompts: int = 24  # held-out prompts (attribute pairs never seen together in training): 48 samples per figure
-    samples: int = 2  # images per prompt
+    prompts: int = 24  # prompts per group (seen pairs, held-out pairs), each sampled `samples` times
+    samples: int = 2
+    caption_images: int = 48  # new images per group that the decoder captions
     nll_images: int = 96  # images per figure of the decoder's image loss given the caption
 
+    def data_seed(self, purpose: str) -> int:
+        """The seed of the images drawn for one purpose (training, SFT, new images for evaluation)."""
+        return self.seed * len(DATA_PURPOSES) + DATA_PURPOSES[purpose]
 
-SMALL = DemoSize(images=60, vq_seconds=8, clip_seconds=8, vocab_size=300, pretrain_steps=4, sft_images=8,
-                 sft_steps=3, prompts=3, samples=1, nll_images=4)
+
+SMALL = DemoSize(images=60, vq_steps=20, clip_steps=10, vocab_size=300, pretrain_steps=4, sft_images=8,
+                 sft_steps=3, prompts=3, samples=1, caption_images=3, nll_images=4)
 
 
 def _done(folder: Path) -> bool:
@@ -93,23 +103,41 @@ def _port_of(url_list: Path) -> int:
     return urlparse(first_url).port or 0
 
 
+def check_workdir(workdir: Path, size: DemoSize) -> None:
+    """Record the run's settings in a new work folder; refuse to resume one made with other settings."""
+    path = workdir / RUN_CONFIG
+    settings = asdict(size)
+    if path.exists():
+        found = read_json(path)
+        if found != settings:
+            changed = sorted(k for k in set(found) | set(settings) if found.get(k) != settings.get(k))
+            raise InputError(f"{workdir} holds a demo run with other settings ({', '.join(changed)} differ): "
+                             "use another --workdir, or --fresh to start over")
+        return
+    if any(workdir.iterdir()):
+        raise InputError(f"{workdir} is not empty and holds no {RUN_CONFIG}: not a cm3 demo work folder "
+                         "(use another --workdir, or --fresh to start over)")
+    write_json(path, settings)
+
+
 def ingest_stage(workdir: Path, size: DemoSize) -> Path:
     raw = workdir / "raw"
     if _done(raw):
         print(f"[ingest] done already: {raw}", flush=True)
         return raw
     url_list = workdir / "urls.parquet"
+    seed = size.data_seed("train")
     # serve on the port the existing URL list names, so a resumed ingest sees the same list
     port = _port_of(url_list) if url_list.exists() else 0
     try:
-        server = DemoDataServer(n=size.images, seed=0, split="train", port=port).start()
+        server = DemoDataServer(n=size.images, seed=seed, split="train", port=port).start()
     except OSError:  # that port is taken now: start the stage over on a free one
         url_list.unlink(missing_ok=True)
-        server = DemoDataServer(n=size.images, seed=0, split="train", port=0).start()
+        server = DemoDataServer(n=size.images, seed=seed, split="train", port=0).start()
     try:
         if not url_list.exists():
             shutil.rmtree(raw, ignore_errors=True)
-            write_url_list(url_list, server.url, size.images, seed=0, split="train")
+            write_url_list(url_list, server.url, size.images, seed=seed, split="train")
         print(f"[ingest] demo data served at {server.url}; URL list {url_list}", flush=True)
         result = run_download(open_url_list(url_list), raw,
                               DownloadSettings(shard_rows=DEMO_SHARD_ROWS, cpus_per_task=0.5), processes=2)
@@ -134,9 +162,9 @@ def tokenizer_stage(workdir: Path, raw: Path, size: DemoSize) -> Path:
     if _done(folder):
         print(f"[tokenizer] done already: {folder}", flush=True)
         return folder
-    print(f"[tokenizer] training the VQ-GAN (demo preset, {size.vq_seconds:.0f} s budget)", flush=True)
-    report = train_vqgan(raw, workdir / "vq", VQGANConfig.preset("demo"), seconds_budget=size.vq_seconds,
-                         options=demo_training_options())
+    print(f"[tokenizer] training the VQ-GAN (demo preset, {size.vq_steps} steps)", flush=True)
+    report = train_vqgan(raw, workdir / "vq", VQGANConfig.preset("demo"), steps=size.vq_steps, seed=size.seed,
+                         batch_size=DEMO_VQ_BATCH, lr=DEMO_VQ_LR, options=demo_training_options())
     print(f"[tokenizer] VQ-GAN held-out PSNR {report['heldout_psnr_db']:.2f} dB after {report['steps']} steps",
           flush=True)
     text = train_from_shards(raw, size.vocab_size)
@@ -149,23 +177,21 @@ def tokenizer_stage(workdir: Path, raw: Path, size: DemoSize) -> Path:
 def start_clip_stage(workdir: Path, raw: Path, size: DemoSize):
     """Start training the demo CLIP as a one-CPU Ray task (it runs beside the VQ-GAN); None if done."""
     import ray
-
     from cm3.tokenizers.clip_training import train_clip
     from cm3.tokenizers.training_options import ClipTrainOptions
 
     folder = workdir / "clip"
     if _done(folder):
         return None
-    print(f"[clip] training the demo CLIP on Ray ({size.clip_seconds:.0f} s budget, beside the VQ-GAN)", flush=True)
+    print(f"[clip] training the demo CLIP on Ray ({size.clip_steps} steps, beside the VQ-GAN)", flush=True)
     task = ray.remote(num_cpus=1, max_retries=0)(train_clip)
-    return task.remote(raw.resolve(), folder.resolve(), ClipTrainOptions(steps=100_000, torch_threads=1),
-                       seconds_budget=size.clip_seconds, progress=False)
+    options = ClipTrainOptions(steps=size.clip_steps, seed=size.seed, torch_threads=1)
+    return task.remote(raw.resolve(), folder.resolve(), options, progress=False)
 
 
 def finish_clip_stage(workdir: Path, pending) -> dict:
     """Wait for the CLIP task started by ``start_clip_stage``; the identity that tokenize embeds with."""
     import ray
-
     from cm3.tokenizers.clip_embedder import TRAINED_CONFIG_FILE
 
     folder = workdir / "clip"
@@ -213,7 +239,7 @@ def train_stage(workdir: Path, stage: str, shards: Path, size: DemoSize, tokeniz
         preset="tiny", model_overrides={} if init else {"max_seq_len": size.seq_len, "d_model": size.lm_width,
                                                                  "positions": size.lm_positions,
                                                                  "image_grid": size.lm_image_grid},
-        seq_len=size.seq_len, batch_size=8, batch_tokens=8 * size.seq_len, steps=steps,
+        seq_len=size.seq_len, batch_size=8, batch_tokens=8 * size.seq_len, steps=steps, seed=size.seed,
         lr=size.pretrain_lr if stage == "pretrain" else size.sft_lr, warmup_steps=max(1, steps // 20),
         retrieved_min=0, retrieved_max=2, image_first=size.pretrain_image_first,  # SFT rows are laid out already
         checkpoint_every=max(10, steps // 5), log_every=max(1, steps // 20),
@@ -233,19 +259,24 @@ def sft_data_stage(workdir: Path, tokenizer_dir: Path, size: DemoSize) -> Path:
     folder = workdir / "sft-data"
     if not _done(folder):
         tokenizer = MultimodalTokenizer.load(tokenizer_dir)
-        tasks = demo_tasks(tokenizer, size.sft_images, seed=SFT_IMAGES_SEED)
+        tasks = demo_tasks(tokenizer, size.sft_images, seed=size.data_seed("sft"))
         write_task_shards(tasks, folder, tokenizer.tokens_per_image, 500)
         _mark_done(folder, {"images": size.sft_images})
     return folder
 
 
+# (name, retrieved documents, CFG scale or None for the run's, method): the paper's ablations in miniature
+ABLATIONS = {"retrieval_k0": (0, None, "top_p"), "no_guidance": (2, 1.0, "top_p"), "cd_k": (2, None, "cd_k")}
+
+
 def evaluate_stage(workdir: Path, checkpoint: Path, index: Path, augmented: Path, tokens: Path,
                    size: DemoSize, pretrained: Path | None = None) -> dict:
-    """Held-out generations and captions, the ablations, and the pictures of the report (``checkpoint``: the
-    instruction-tuned decoder; ``pretrained``, when given, also gets the image-loss figures)."""
+    """Generations and captions for seen and held-out (shape, colour) pairs, the ablations, the diagnostics and
+    the pictures of the report (``checkpoint``: the instruction-tuned decoder; ``pretrained``, when given, also
+    gets the image-loss figures)."""
     from cm3.index.query import Retriever
     from cm3.model.checkpoint import load_checkpoint
-    from cm3.model.generation import SamplingConfig, caption_image, text_to_image
+    from cm3.model.generation import SamplingConfig, caption_image
     from cm3.pipeline.sft_tasks import TEMPLATES
     from cm3.synthetic.shapes import spec_for
     from cm3.workflows.demo import evaluate
@@ -254,55 +285,59 @@ def evaluate_stage(workdir: Path, checkpoint: Path, index: Path, augmented: Path
     report.mkdir(parents=True, exist_ok=True)
     model, tokenizer = load_checkpoint(checkpoint)
     retriever = Retriever(index)
-    specs = [spec_for(i, seed=0, split="heldout") for i in range(size.prompts)]
+    new = size.data_seed("new")
+    groups = {"seen": [spec_for(i, seed=new, split="train") for i in range(size.prompts)],
+              "held_out": [spec_for(i, seed=new, split="heldout") for i in range(size.prompts)]}
 
-    def generate(retrieved_k: int, guidance: float, method: str) -> tuple[torch.Tensor, list]:
-        images, asked = [], []
-        for i, spec in enumerate(specs):
-            docs = retriever.for_text(spec.caption, retrieved_k) if retrieved_k else None
-            sampling = SamplingConfig(guidance_scale=guidance, method=method, seed=i, temperature=size.temperature)
-            batch, _ = text_to_image(model, tokenizer, spec.caption, size.samples, sampling, retrieved=docs)
-            images.append(batch)
-            asked += [spec] * size.samples
-        return torch.cat(images), asked
+    def draw(specs, retrieved: int, guidance: float, method: str, variant: int) -> torch.Tensor:
+        sampling = SamplingConfig(guidance_scale=guidance, method=method, temperature=size.temperature,
+                                  seed=size.seed * 1000 + variant)
+        return evaluate.generate_for_specs(model, tokenizer, specs, size.samples, sampling, retriever, retrieved)
 
-    variants = {"retrieval K=2, CFG 3, top-p": (2, 3.0, "top_p"), "no retrieval (K=0)": (0, 3.0, "top_p"),
-                "no CFG (scale 1)": (2, 1.0, "top_p"), "CD-K instead of top-p": (2, 3.0, "cd_k")}
+    def asked(specs):
+        return [spec for spec in specs for _ in range(size.samples)]
+
+    generated = {name: draw(specs, 2, size.guidance, "top_p", 0) for name, specs in groups.items()}
+    text_to_image = {name: _image_figures(evaluate.image_accuracy(images, asked(groups[name])))
+                     for name, images in generated.items()}
     ablations = {}
-    for name, (k, guidance, method) in variants.items():
-        images, asked = generate(k, guidance, method)
-        ablations[name] = evaluate.image_accuracy(images, asked)
-        if name.startswith("retrieval K=2"):
-            main = ablations[name]
-            # every sample counts in the figures; the picture shows the first prompts' samples
-            image_grid([to_pil(x) for x in images[:GRID_IMAGES]], [s.caption for s in asked[:GRID_IMAGES]],
-                       cols=4).save(report / "generations.png")
+    for variant, (ablation, (retrieved, guidance, method)) in enumerate(ABLATIONS.items(), start=1):
+        ablations[ablation] = {"retrieved": retrieved, "guidance": guidance or size.guidance, "method": method}
+        for name, specs in groups.items():
+            images = draw(specs, retrieved, guidance or size.guidance, method, variant)
+            ablations[ablation][name] = _image_figures(evaluate.image_accuracy(images, asked(specs)))
+    _generations_picture(generated, {name: asked(specs) for name, specs in groups.items()}, size,
+                         report / "generations.png")
 
-    # Held-out images: the prompts' own first, then more for the checker's reading of VQ reconstructions below.
-    many = specs + [spec_for(i, seed=0, split="heldout") for i in range(len(specs), 48)]
-    many_images = evaluate.spec_images(many, tokenizer.vq.config.resolution)
-    held_out_images = many_images[: len(specs)]
-    captions = caption_image(model, tokenizer, held_out_images, question=TEMPLATES["captioning"][0])
-    image_grid([to_pil(x) for x in held_out_images[:GRID_IMAGES]], captions[:GRID_IMAGES], cols=4).save(
-        report / "captions.png")
-    captioning = evaluate.caption_accuracy(captions, specs)
+    # Captions of new images: seen pairs (other draws than the prompts above) and held-out pairs.
+    caption_specs = {name: [spec_for(i, seed=new, split=split) for i in range(size.prompts,
+                                                                              size.prompts + size.caption_images)]
+                     for name, split in (("seen", "train"), ("held_out", "heldout"))}
+    question = TEMPLATES["captioning"][0]
+    captions, caption_images = {}, {}
+    for name, specs in caption_specs.items():
+        caption_images[name] = evaluate.spec_images(specs, tokenizer.vq.config.resolution, as_served=True)
+        captions[name] = caption_image(model, tokenizer, caption_images[name], question=question)
+    half = GRID_PROMPTS // 2
+    image_grid([to_pil(x) for name in captions for x in caption_images[name][:GRID_PROMPTS]],
+               [f"{'seen' if name == 'seen' else 'held-out'}: {c}" for name in captions
+                for c in captions[name][:GRID_PROMPTS]], cols=half).save(report / "captions.png")
 
-    # The checker's reading of the tokenizer's own reconstructions of held-out images: what a decoder that
-    # reproduced the true codes would score. It tells the VQ-GAN's share of a text->image error from the LM's.
-    reconstructions = tokenizer.decode_image(tokenizer.encode_image(many_images))
-    vq_reading = evaluate.image_accuracy(reconstructions, many)
-    shown = min(4, len(specs))
-    image_grid([to_pil(x) for x in torch.cat([held_out_images[:shown], reconstructions[:shown]])],
-               ["original"] * shown + ["VQ reconstruction"] * shown, cols=4).save(
-        report / "vq_reconstructions.png")
+    # The checker's reading of the tokenizer's own reconstructions: what a decoder that reproduced the true codes
+    # would score. It tells the VQ-GAN's share of a text->image error from the decoder's.
+    originals = torch.cat(list(caption_images.values()))
+    reconstructions = tokenizer.decode_image(tokenizer.encode_image(originals))
+    vq_reading = evaluate.image_accuracy(reconstructions, [s for specs in caption_specs.values() for s in specs])
+    shown = 4
+    image_grid([to_pil(x) for x in torch.cat([originals[:shown], reconstructions[:shown]])],
+               ["original"] * shown + ["VQ reconstruction"] * shown, cols=4).save(report / "vq_reconstructions.png")
     _retrieval_examples(augmented, tokenizer, report / "retrieval_examples.png")
 
-    # Pretraining images, new images of training pairs, held-out pairs: memorisation vs generalisation, per token,
-    # for both checkpoints.
     n = size.nll_images
-    nll_specs = {"training_images": [spec_for(i, seed=0, split="train") for i in range(min(n, size.images))],
-                 "training_pairs_new_images": [spec_for(i, seed=NEW_IMAGES_SEED, split="train") for i in range(n)],
-                 "held_out_pairs": [spec_for(i, seed=NEW_IMAGES_SEED, split="heldout") for i in range(n)]}
+    nll_specs = {"training_images": [spec_for(i, seed=size.data_seed("train"), split="train")
+                                     for i in range(min(n, size.images))],
+                 "training_pairs_new_images": [spec_for(i, seed=new, split="train") for i in range(n)],
+                 "held_out_pairs": [spec_for(i, seed=new, split="heldout") for i in range(n)]}
     codes = {name: evaluate.spec_codes(tokenizer, group) for name, group in nll_specs.items()}
     documents = {name: evaluate.caption_first_documents(tokenizer, [spec.alt_text for spec in nll_specs[name]],
                                                         codes[name]) for name in nll_specs}
@@ -317,18 +352,51 @@ def evaluate_stage(workdir: Path, checkpoint: Path, index: Path, augmented: Path
     reliance = {stage: {name: round(value, 4) for name, value in evaluate.caption_reliance(
                     decoder, tokenizer.vocab, swaps).items()}
                 for stage, decoder in decoders.items()}
+    agreement = evaluate.retrieval_agreement(augmented, tokens)
     return {
-        "text_to_image": {**main, "checker_on_vq_reconstructions": {k: vq_reading[k] for k in (
-                              "colour_accuracy", "shape_accuracy", "shape_accuracy_by_size")},
-                          "image_nll_given_caption": image_nll,
-                          "caption_reliance": reliance,
-                          "command": f"cm3 generate PROMPT --checkpoint {checkpoint} -n {size.samples} "
-                                     f"--temperature {size.temperature}"},
-        "image_to_text": {**captioning, "command": f"cm3 caption IMAGE --checkpoint {checkpoint}"},
-        "retrieval": {**evaluate.retrieval_agreement(augmented, tokens),
+        "text_to_image": {**text_to_image, "retrieved": 2, "guidance": size.guidance, "method": "top_p",
+                          "temperature": size.temperature,
+                          "command": f"cm3 generate PROMPT --checkpoint {checkpoint} --index {index} --retrieved 2 "
+                                     f"-n {size.samples} --guidance {size.guidance} --temperature {size.temperature}"},
+        "captions": {**{name: {"colour_and_shape": evaluate.caption_accuracy(captions[name], specs)[
+                                   "colour_and_shape_named"], "images": len(specs),
+                               "examples": captions[name][:4]}
+                        for name, specs in caption_specs.items()},
+                     "command": f"cm3 caption IMAGE --checkpoint {checkpoint} --question {question!r}"},
+        "retrieval": {"agreement": agreement["neighbour_colour_and_shape_agreement"],
+                      "neighbours": agreement["neighbours"],
+                      "rows_without_neighbours": agreement["rows_without_neighbours"],
                       "command": f"cm3 build-index {tokens} --index {index} --out {augmented}"},
         "ablations": ablations,
+        "diagnostics": {"checker_on_vq_reconstructions": _image_figures(vq_reading),
+                        "image_nll_given_caption": image_nll, "caption_reliance": reliance},
     }
+
+
+def _image_figures(accuracy: dict) -> dict:
+    """The checker's figures for a set of generated images, named as the report names them."""
+    return {"colour": accuracy["colour_accuracy"], "shape": accuracy["shape_accuracy"], "samples": accuracy["images"],
+            "shape_by_size": accuracy["shape_accuracy_by_size"]}
+
+
+def _generations_picture(generated: dict, asked: dict, size: DemoSize, path: Path) -> None:
+    """The first prompts' samples, seen pairs on the left and held-out pairs on the right, each under its prompt
+    and the checker's verdict."""
+    from cm3.synthetic.checker import read_attributes
+
+    per_half = min(GRID_PROMPTS * size.samples, len(asked["seen"]), len(asked["held_out"]))
+    cells, labels = [], []
+    for row in range(0, per_half, size.samples):
+        for name in ("seen", "held_out"):
+            for i in range(row, min(row + size.samples, per_half)):
+                picture = to_pil(generated[name][i])
+                reading = read_attributes(picture)
+                spec = asked[name][i]
+                verdict = "colour ok" if reading.ok and reading.colour == spec.colour else "colour wrong"
+                verdict += ", shape ok" if reading.ok and reading.shape == spec.shape else ", shape wrong"
+                cells.append(picture)
+                labels.append(f"{'seen' if name == 'seen' else 'held-out'}: {spec.caption} ({verdict})")
+    image_grid(cells, labels, cols=2 * size.samples, caption_lines=4).save(path)
 
 
 def _retrieval_examples(augmented: Path, tokenizer, path: Path, rows: int = 4) -> None:
@@ -364,6 +432,41 @@ def ingest_metrics(raw: Path) -> dict:
             "checker_shape_agreement": round(agree_shape / max(checked, 1), 4)}
 
 
+TARGETS = {"text_to_image.seen.colour": 0.9, "text_to_image.seen.shape": 0.8, "captions.seen.colour_and_shape": 0.9,
+           "retrieval.agreement": 0.9}
+
+
+def headline(metrics: dict) -> list[tuple[str, str, str, str]]:
+    """(figure, value, target, command) rows: what a person wants to know first."""
+    def pct(value) -> str:
+        return f"{value:.0%}"
+
+    t2i, captions, ablations = metrics["text_to_image"], metrics["captions"], metrics["ablations"]
+    rows = [
+        ("text -> image, seen pairs: colour / shape", f"{pct(t2i['seen']['colour'])} / {pct(t2i['seen']['shape'])} "
+         f"({t2i['seen']['samples']} samples)", ">= 90% / >= 80%", t2i["command"]),
+        ("image -> text, seen pairs: captions naming colour and shape", f"{pct(captions['seen']['colour_and_shape'])} "
+         f"({captions['seen']['images']} images)", ">= 90%", captions["command"]),
+        ("text -> image, held-out pairs: colour / shape", f"{pct(t2i['held_out']['colour'])} / "
+         f"{pct(t2i['held_out']['shape'])} ({t2i['held_out']['samples']} samples)", "goal >= 50%", t2i["command"]),
+        ("image -> text, held-out pairs", f"{pct(captions['held_out']['colour_and_shape'])} "
+         f"({captions['held_out']['images']} images)", "goal >= 50%", captions["command"]),
+        ("retrieval: neighbours sharing colour and shape", pct(metrics["retrieval"]["agreement"]), ">= 90%",
+         metrics["retrieval"]["command"]),
+    ]
+    names = {"retrieval_k0": "no retrieved documents (K=0)", "no_guidance": "no CFG (scale 1)",
+             "cd_k": "CD-K instead of top-p"}
+    for key, result in ablations.items():
+        rows.append((f"ablation, {names.get(key, key)}: seen / held-out colour, shape",
+                     f"{pct(result['seen']['colour'])}, {pct(result['seen']['shape'])} / "
+                     f"{pct(result['held_out']['colour'])}, {pct(result['held_out']['shape'])}", "",
+                     t2i["command"].replace("--retrieved 2", f"--retrieved {result['retrieved']}")
+                     .replace(f"--guidance {t2i['guidance']}", f"--guidance {result['guidance']}")
+                     + (" --method cd_k" if result["method"] == "cd_k" else "")))
+    rows.append(("wall clock, Ray's start to the report", f"{metrics['wall_minutes']:.1f} min", "<= 20 min", ""))
+    return rows
+
+
 def write_report(workdir: Path, metrics: dict) -> Path:
     report = workdir / "report"
     report.mkdir(parents=True, exist_ok=True)
@@ -373,15 +476,19 @@ def write_report(workdir: Path, metrics: dict) -> Path:
         if source.exists():
             shutil.copy(source, report / name)
     (report / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    lines = ["# cm3 demo report", "", f"Work folder: `{workdir}`. Every figure below is in `metrics.json`.", ""]
+    lines = ["# cm3 demo report", "", f"Work folder: `{workdir}`; every figure is in `metrics.json`, scored by the "
+             "demo data's own pixel checker. Seen pairs: (shape, colour) pairs of the training data, drawn anew; "
+             "held-out pairs: never seen together in training.", ""]
+    if "text_to_image" in metrics:
+        lines += ["| figure | value | target | command |", "|---|---|---|---|"]
+        lines += [f"| {figure} | {value} | {target} | `{command}` |" if command else
+                  f"| {figure} | {value} | {target} | |" for figure, value, target, command in headline(metrics)]
+        lines += ["", "![generations](generations.png)", "", "![captions](captions.png)", ""]
+    lines += ["## All figures", ""]
     for section, values in metrics.items():
-        lines.append(f"## {section}")
-        lines.append("")
-        for key, value in values.items():
-            lines.append(f"- {key}: `{json.dumps(value)}`")
-        lines.append("")
-    pictures = sorted(p.name for p in report.glob("*.png"))
-    lines += ["## Pictures", ""] + [f"![{name}]({name})" for name in pictures]
+        lines.append(f"- {section}: `{json.dumps(values)}`")
+    pictures = sorted(p.name for p in report.glob("*.png") if p.name not in ("generations.png", "captions.png"))
+    lines += ["", "## More pictures", ""] + [f"![{name}]({name})" for name in pictures]
     (report / "report.md").write_text("\n".join(lines) + "\n")
     print(f"[report] {report / 'report.md'}", flush=True)
     return report
@@ -394,6 +501,7 @@ def run_demo(workdir: Path, size: DemoSize = DemoSize(), fresh: bool = False, ra
     if fresh:
         shutil.rmtree(workdir, ignore_errors=True)
     workdir.mkdir(parents=True, exist_ok=True)
+    check_workdir(workdir, size)
     started = time.time()
     connect(ray_address)
     raw = ingest_stage(workdir, size)
@@ -403,7 +511,8 @@ def run_demo(workdir: Path, size: DemoSize = DemoSize(), fresh: bool = False, ra
         tokenizer = tokenizer_stage(workdir, raw, size)
         metrics["tokenizer"] = {**_info(tokenizer)["vq"], "preset": "demo (8x8 = 64 tokens per image)",
                                 "command": f"cm3 tokenizer train-vq --data {raw} --out {workdir / 'vq'} --preset demo"
-                                           f" --seconds {size.vq_seconds:.0f} --batch-size 4 --threads 1"}
+                                           f" --steps {size.vq_steps} --batch-size {DEMO_VQ_BATCH} --lr {DEMO_VQ_LR}"
+                                           " --threads 1"}
         clip = finish_clip_stage(workdir, pending_clip)
         tokens = tokenize_stage(workdir, raw, tokenizer, clip)
         index, augmented = index_stage(workdir, tokens)
@@ -414,6 +523,8 @@ def run_demo(workdir: Path, size: DemoSize = DemoSize(), fresh: bool = False, ra
                                                                         "image_grid")},
                                "pretrain": _info(pretrain), "sft": _info(sft)}
         metrics.update(evaluate_stage(workdir, sft, index, augmented, tokens, size, pretrained=pretrain))
-    metrics["run"] = {"seconds": round(time.time() - started, 1), "size": asdict(size)}
+    metrics["wall_minutes"] = round((time.time() - started) / 60, 2)
+    metrics["run"] = {"size": asdict(size)}
     write_report(workdir, metrics)
     return metrics
+
