@@ -26,7 +26,7 @@ PARALLELISMS = ("fsdp", "ddp", "none")
 
 @dataclass(frozen=True)
 class ParallelOptions:
-    parallelism: str = "fsdp"  # with one worker every choice trains the plain module
+    parallelism: str = "fsdp"  # with one worker every choice trains the plain module; "none" only with one
     ac_every: int = 0  # recompute every N-th block in backward; 0: none, 1: all ("full")
     compile: bool = False
     float8: bool = False
@@ -50,6 +50,8 @@ class Parallelized:
 
 def parallelize(model: nn.Module, device: torch.device, world: int, options: ParallelOptions) -> Parallelized:
     """Apply `options` to `model` (already on `device`) in torchtitan's order."""
+    if world > 1 and options.parallelism == "none":
+        raise ValueError(f"parallelism 'none' trains one worker, not {world}: use fsdp or ddp")
     parts = []
     if options.float8:
         apply_float8(model)
@@ -74,8 +76,7 @@ def parallelize(model: nn.Module, device: torch.device, world: int, options: Par
 
         def sync(last: bool) -> contextlib.AbstractContextManager:
             return contextlib.nullcontext() if last else forward.no_sync()
-    kind = options.parallelism if world > 1 and options.parallelism != "none" else "one model per worker"
-    summary = ", ".join([f"{kind} over {world} worker{'s' if world > 1 else ''}", *parts])
+    summary = ", ".join([f"{options.parallelism} over {world} workers" if world > 1 else "1 worker", *parts])
     return Parallelized(model, forward, sync, fsdp, summary)
 
 

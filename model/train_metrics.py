@@ -60,13 +60,15 @@ def peak_memory_gib(device: torch.device) -> float:
 
 def attention_backend(config: CM3Config, device: torch.device, dtype: torch.dtype) -> str:
     """The kernel `scaled_dot_product_attention` picks for this model's causal training attention on `device`
-    in `dtype`: flash, efficient, cudnn or math (math on a GPU means a slow run: say so before it starts)."""
+    in `dtype`: flash, efficient, cudnn or math (math on a GPU means a slow run: say so before it starts).
+    Asked of `torch._fused_sdp_choice`, the function SDPA itself calls to choose; "unknown" if torch lacks it."""
     from torch.nn.attention import SDPBackend
 
+    choose = getattr(torch, "_fused_sdp_choice", None)
+    if choose is None:
+        return "unknown"
     q = torch.zeros(1, config.n_heads, 64, config.head_dim, device=device, dtype=dtype)
-    choice = SDPBackend(torch._fused_sdp_choice(q, q, q, is_causal=True))
-    return {SDPBackend.FLASH_ATTENTION: "flash", SDPBackend.EFFICIENT_ATTENTION: "efficient",
-            SDPBackend.CUDNN_ATTENTION: "cudnn", SDPBackend.MATH: "math"}.get(choice, choice.name.lower())
+    return SDPBackend(choose(q, q, q, is_causal=True)).name.split("_")[0].lower()  # FLASH_ATTENTION -> flash
 
 
 @contextlib.contextmanager

@@ -89,3 +89,5 @@ def test_bad_parallel_options_are_refused_before_anything_runs(tmp_path):
         ac_every("half")
     with pytest.raises(ValueError, match="parallelism must be one of"):
         plan_run(TrainOptions(stage="pretrain", shards=tmp_path, parallelism="zero3"))
+    with pytest.raises(ValueError, match="--parallelism none trains one worker, not 2"):
+        plan_run(TrainOptions(stage="pretrain", shards=tmp_path, parallelism="none", num_workers=2))

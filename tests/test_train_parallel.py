@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -115,29 +116,34 @@ def _rank_main(rank: int, world: int, port: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     results = {}
-    for mode, ac_every in (("fsdp", 0), ("fsdp", 2), ("ddp", 0)):
+    for mode, ac_every, compiled in (("fsdp", 0, False), ("fsdp", 2, True), ("ddp", 0, False)):
         model = fresh_model()
-        parallel = parallelize(model, torch.device("cpu"), world, ParallelOptions(mode, ac_every))
+        parallel = parallelize(model, torch.device("cpu"), world,
+                               ParallelOptions(mode, ac_every, compiled, compile_backend="aot_eager"))
         assert parallel.fsdp == (mode == "fsdp")
         optimizer = build_optimizer(parallel.model, CONFIG)
         result = run_steps(parallel.forward, parallel.model, lambda s: [batches(rank, s)], parallel.sync, True,
                            optimizer)
         weights, _ = gather_state(parallel.model, optimizer)
-        results[f"{mode}-ac{ac_every}"] = (*result, weights)
+        results[parallel.summary] = (*result, weights)
     if rank == 0:
         torch.save(results, out)
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_fsdp2_and_ddp_over_two_gloo_workers_match_one_process(tmp_path):
-    """Two CPU processes over gloo, each with its own half of the batch: FSDP2 (with and without activation
-    checkpointing) and DDP give, step for step, the loss and the gradients of one process with the whole
-    batch, and the weights gathered from FSDP's shards are the single process's weights."""
+    """Two CPU processes over gloo, each with its own half of the batch: FSDP2 (plain, and with activation
+    checkpointing and per-block compile applied in torchtitan's order) and DDP give, step for step, the loss and
+    the gradients of one process with the whole batch, and the weights gathered from the shards are the single
+    process's weights."""
     out = tmp_path / "ranks.pt"
     torch.multiprocessing.spawn(_rank_main, args=(2, free_port(), str(out)), nprocs=2)
     results = torch.load(out, weights_only=True)
     reference_model = fresh_model()
     reference = run_steps(reference_model, reference_model, lambda s: [joined([batches(0, s), batches(1, s)])])
+    assert sorted(results) == ["ddp over 2 workers", "fsdp over 2 workers",
+                               "fsdp over 2 workers, activation checkpointing every 2nd block, compiled per block"]
     for key, (losses, grads, weights) in results.items():
         assert_same((losses, grads), reference)
         assert weights.keys() == reference_model.state_dict().keys(), key
@@ -168,6 +174,15 @@ def test_chunked_loss_equals_the_full_logits_loss():
         expected = (F.cross_entropy(F.linear(hidden, weight).flatten(0, 1).float(), targets.flatten(),
                                     reduction="none") * loss_weights.flatten()).sum()
     torch.testing.assert_close(low, expected, rtol=1e-3, atol=1e-3)
+
+
+def test_the_decoders_training_loss_is_cm3_loss_of_its_logits():
+    from cm3.model.objective import cm3_loss
+
+    model, batch = fresh_model(), batches(1, 0)
+    loss, ce = model(batch.inputs, targets=batch.targets, loss_weights=batch.weights / batch.weights.sum())
+    torch.testing.assert_close(loss, cm3_loss(model(batch.inputs), batch.targets, batch.weights))
+    assert ce.shape == batch.targets.shape
 
 
 def test_float8_swaps_the_block_linears_and_still_trains(torch_one_thread):

@@ -218,6 +218,8 @@ def plan_run(options: TrainOptions):
         raise ValueError(f"--profile must be >= 0 steps, got {options.profile}")
     parallel = ParallelOptions(options.parallelism, ac_every(options.activation_checkpointing), options.compile,
                                options.float8)
+    if parallel.parallelism == "none" and options.num_workers > 1:
+        raise ValueError(f"--parallelism none trains one worker, not {options.num_workers}: use fsdp or ddp")
     if options.float8 and importlib.util.find_spec("torchao") is None:
         raise ValueError("--float8 needs torchao: pip install 'cm3[float8]'")
     init = init_checkpoint(options.init) if options.init is not None else None
