@@ -123,25 +123,9 @@ def train(config: LoopConfig, session: Session) -> None:
     rank, world, device = session.rank, session.world_size, session.device
     vocab = Vocabulary.from_dict(config.vocab)
     sequences = SequenceConfig(**config.sequences)
-    model_config = CM3Config.from_dict(config.model)
     run_dir = Path(config.run_dir)
 
-    optimizer_state = None
-    with session.checkpoint() as directory:
-        resumed = directory is not None
-        if resumed:
-            model, optimizer_state, state = load_train_checkpoint(directory)
-            model_config = model.config
-    if not resumed:
-        torch.manual_seed(config.seed)  # every rank builds the same initial weights
-        model = CM3.from_pretrained(config.init) if config.init else CM3(model_config)
-        state = TrainState(step=0, tokens_seen=0, positions=[asdict(DataPosition())] * world, seed=config.seed,
-                           config=model_config.to_dict())
-    if len(state.positions) != world:
-        print(f"warning: the checkpoint was written by {len(state.positions)} worker(s), this run has {world}; "
-              "the data pass restarts from its beginning", flush=True)
-        epoch = min(p["epoch"] for p in state.positions)
-        state.positions = [asdict(DataPosition(epoch, 0))] * world
+    model, model_config, optimizer_state, state, resumed = _restore_or_build(config, session)
     start_step = state.step
 
     # the data path starts first: its first batches are ready by the time the model is
@@ -199,6 +183,29 @@ def train(config: LoopConfig, session: Session) -> None:
             log.close()
     finally:
         producer.close()
+
+
+def _restore_or_build(config: LoopConfig,
+                      session: Session) -> tuple[CM3, CM3Config, Optional[dict], TrainState, bool]:
+    """(model on the CPU, its training config, optimizer state or None, train state, resumed?): the session's
+    checkpoint, or a new model (from `config.init`, else initialised with the seed, the same on every rank)
+    trained with `config.model`'s schedule."""
+    world = session.world_size
+    with session.checkpoint() as directory:
+        if directory is not None:
+            model, optimizer_state, state = load_train_checkpoint(directory)
+            if len(state.positions) != world:
+                print(f"warning: the checkpoint was written by {len(state.positions)} worker(s), this run has "
+                      f"{world}; the data pass restarts from the beginning of its epoch", flush=True)
+                epoch = min(p["epoch"] for p in state.positions)
+                state.positions = [asdict(DataPosition(epoch, 0))] * world
+            return model, model.config, optimizer_state, state, True
+    model_config = CM3Config.from_dict(config.model)
+    torch.manual_seed(config.seed)
+    model = CM3.from_pretrained(config.init) if config.init else CM3(model_config)
+    state = TrainState(step=0, tokens_seen=0, positions=[asdict(DataPosition())] * world, seed=config.seed,
+                       config=model_config.to_dict())
+    return model, model_config, None, state, False
 
 
 class RunInfo:

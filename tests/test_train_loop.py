@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from cm3.model.train_loop import LocalSession, train
-from cm3.model.train_metrics import METRICS_FILE, read_metrics
+from cm3.model.train_metrics import DASHBOARD_METRICS, METRICS_FILE, read_metrics
 from cm3.workflows.train import TrainOptions, plan_run
 from factories import TRAIN_CAPTIONS, TRAIN_VQ, make_tokenizer, write_augmented_shards
 
@@ -38,6 +38,7 @@ def test_the_loop_trains_logs_profiles_and_resumes_bit_identically(tmp_path, tor
     first = read_metrics(run_dir / METRICS_FILE)
     assert [r["step"] for r in first] == list(range(1, 9))
     assert first[-1]["loss"] < first[0]["loss"]
+    assert set(DASHBOARD_METRICS) <= set(first[0])  # every dashboard gauge is fed from the record
     for record in first:
         assert 0 <= record["data_wait"] < 1 and record["memory_gib"] > 0 and record["mfu"] is None  # no CPU peak
         assert record["tokens_seen"] == record["step"] * 2 * 4 * SEQ and record["attention"] == "flash"
@@ -55,6 +56,14 @@ def test_the_loop_trains_logs_profiles_and_resumes_bit_identically(tmp_path, tor
     assert [r["step"] for r in again] == list(range(1, 9)) and again[-1]["start_step"] == 4
     same = ("loss", "text_loss", "image_loss", "grad_norm", "tokens_seen", "epoch")
     assert [[r[k] for k in same] for r in again] == [[r[k] for k in same] for r in first]
+
+    # a new run from those weights (as `--init` does) trains with its own schedule, not the saved one's
+    loop, _ = plan_run(options(tmp_path, name="tuned", steps=3, lr=1e-4, warmup_steps=1))
+    loop.init = str(run_dir / "checkpoint_0000004")
+    train(loop, LocalSession(loop.run_dir))
+    tuned = read_metrics(Path(loop.run_dir) / METRICS_FILE)
+    assert [r["lr"] for r in tuned] == pytest.approx([1e-4, 1e-4, 5.5e-5])  # warm-up 1 step, then linear decay
+    assert tuned[0]["loss"] < first[0]["loss"]  # it starts from the trained weights
 
 
 def test_every_cli_default_is_the_options_default():
