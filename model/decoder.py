@@ -203,6 +203,8 @@ class Block(nn.Module):
 
 
 class CM3(nn.Module):
+    loss_kernel = None  # the training loss's per-chunk kernel; `apply_compile` sets a compiled one
+
     def __init__(self, config: CM3Config):
         super().__init__()
         self.config = config
@@ -266,7 +268,7 @@ class CM3(nn.Module):
         weight = self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
         if targets is not None:
             weights = torch.ones_like(targets, dtype=torch.float32) if loss_weights is None else loss_weights
-            return linear_cross_entropy(self.norm(x), weight, targets, weights)
+            return linear_cross_entropy(self.norm(x), weight, targets, weights, kernel=self.loss_kernel)
         return F.linear(self.norm(x), weight).float()
 
     def _grid_embedding(self, ids: torch.Tensor, kv_cache: KVCache | None, start_pos: int) -> torch.Tensor:

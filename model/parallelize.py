@@ -4,7 +4,7 @@ float8 linears, activation checkpointing, compile, then FSDP2 (or DDP).
 - `apply_float8`: torchao's float8 training for the blocks' linear layers (dynamic tensorwise scaling).
 - `apply_ac`: recompute every N-th block in the backward pass (1: every block, torchtitan's "full").
 - `apply_compile`: `torch.compile` each block on its own (identical blocks share one compiled graph), after
-  AC so that the recomputation is compiled too, and before FSDP so that FSDP's hooks stay outside the graph.
+  AC so that the recomputation is compiled too, and before FSDP; and the loss's per-chunk kernel.
 - `apply_fsdp`: FSDP2 `fully_shard` on each block, then on the root (embeddings, final norm, tied head); on a
   GPU with bf16 parameters for compute and fp32 gradient reduction. Works on CPU workers over gloo too.
 - `apply_ddp`: the whole model replicated, gradients all-reduced.
@@ -105,9 +105,13 @@ def apply_ac(model: nn.Module, every: int) -> None:
 
 
 def apply_compile(model: nn.Module, backend: str = "inductor") -> None:
-    """Compile each block in place (`Module.compile`: parameter names unchanged), whole-graph."""
+    """Compile each block in place (`Module.compile`: parameter names unchanged), whole-graph; and, as
+    torchtitan compiles its loss, the loss's per-chunk kernel (its softmax and gradient passes fuse)."""
+    from cm3.model.loss import cross_entropy_and_gradient
+
     for block in model.blocks:
         block.compile(backend=backend, fullgraph=True)
+    model.loss_kernel = torch.compile(cross_entropy_and_gradient, backend=backend, fullgraph=True, dynamic=False)
 
 
 def apply_fsdp(model: nn.Module, device: torch.device) -> None:

@@ -121,6 +121,8 @@ def train(config: LoopConfig, session: Session) -> None:
     if config.threads is not None:
         torch.set_num_threads(config.threads)
     rank, world, device = session.rank, session.world_size, session.device
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # NCCL's object collectives use the current device
     vocab = Vocabulary.from_dict(config.vocab)
     sequences = SequenceConfig(**config.sequences)
     run_dir = Path(config.run_dir)
