@@ -164,16 +164,17 @@ def test_a_sigkilled_run_resumes_bit_identically(tmp_path, tokenizer_dir, vocab)
     checkpoint, and the steps the killed run had already trained after it come out bit for bit the same."""
     shards = write_augmented_shards(tmp_path / "shards", vocab, shards=1)
     storage = tmp_path / "runs"
-    command = train_command(shards, tokenizer_dir, storage, "--steps", "18", "--checkpoint-every", "6",
-                            "--cpus-per-worker", "0.5", "--log-every", "6")
+    command = train_command(shards, tokenizer_dir, storage, "--steps", "24", "--checkpoint-every", "10",
+                            "--cpus-per-worker", "0.5", "--log-every", "10")
     env = {**os.environ, **RAY_ENV}
     proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     run_dir = storage / "run"
     deadline = time.time() + 240
-    # the snapshot is written once Ray has committed a checkpoint; then wait for two more steps
+    # the snapshot is written once Ray has committed a checkpoint; then wait for two more steps (the next
+    # checkpoint is 8 steps away)
     while not ((run_dir / "checkpoint_manager_snapshot.json").exists()
-               and len(read_metrics(run_dir / "metrics.jsonl")) >= 8) and time.time() < deadline:
+               and len(read_metrics(run_dir / "metrics.jsonl")) >= 12) and time.time() < deadline:
         assert proc.poll() is None, "the run ended before its first checkpoint"
         time.sleep(0.2)
     os.kill(proc.pid, signal.SIGKILL)
@@ -184,8 +185,8 @@ def test_a_sigkilled_run_resumes_bit_identically(tmp_path, tokenizer_dir, vocab)
     assert done.returncode == 0, done.stderr[-3000:]
     records = read_metrics(run_dir / "metrics.jsonl")
     resumed_at = records[-1]["start_step"]
-    assert resumed_at >= 6 and resumed_at % 6 == 0 and len(killed) > resumed_at, (resumed_at, len(killed))
-    assert [r["step"] for r in records] == list(range(1, 19))
+    assert resumed_at >= 10 and resumed_at % 10 == 0 and len(killed) > resumed_at, (resumed_at, len(killed))
+    assert [r["step"] for r in records] == list(range(1, 25))
     # before the checkpoint: the killed run's own records, kept; after it: the same numbers recomputed
     same = ("loss", "text_loss", "image_loss", "grad_norm", "tokens_seen", "epoch")
     assert [[r[k] for k in same] for r in records[:len(killed)]] == [[r[k] for k in same] for r in killed]
