@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One prepared pass over every GPU figure the issues ask for, sized for a short lease of one GPU:
 # VQ-GAN encode/decode beside the CLIP image encoder (tokenize.py), training tokens/s and MFU against
-# HF OPT (train.py), image generation against HF generate() (generate.py), eager and compiled, bf16.
+# HF OPT with MFU by both counts and the data-wait share (train.py), image generation against HF generate()
+# (generate.py), eager and compiled, bf16.
 # Each step has its own time limit, so one slow compile cannot eat the others; logs go to OUT_DIR.
 #
 #   benchmarks/gpu_check.sh OUT_DIR                       # on the GPU machine (python3 = its torch)
@@ -15,7 +16,7 @@ py=${PYTHON:-python3}
 model=${MODEL:-350m}
 vq=${VQ:-f8-8192}
 tokens=${TOKENS:-1024}
-seq=${SEQ:-2048}
+seq=${SEQ:-4096}  # the training targets are set at 4096 tokens
 mkdir -p "$out"
 pkg=$(mktemp -d)
 ln -s "$(cd "$(dirname "$0")/.." && pwd)" "$pkg/cm3"
@@ -37,8 +38,8 @@ step env 30 bash -c "nvidia-smi --query-gpu=name,memory.total,driver_version --f
     $py -c 'import torch; print(torch.__version__, torch.cuda.is_available())'"
 step tokenize 60 "$py" "$here/tokenize.py" --preset "$vq" --batch-size 64 --batches 10 --json "$out/tokenize.json"
 step tokenize_b256 45 "$py" "$here/tokenize.py" --preset "$vq" --batch-size 256 --batches 4
-step train_eager 60 "$py" "$here/train.py" --preset "$model" --batch 8 --seq-len "$seq" --steps 3 --rounds 2
-step train_compiled 140 "$py" "$here/train.py" --preset "$model" --batch 8 --seq-len "$seq" --steps 5 --rounds 2 \
+step train_eager 90 "$py" "$here/train.py" --preset "$model" --batch 8 --seq-len "$seq" --steps 3 --rounds 2
+step train_compiled 180 "$py" "$here/train.py" --preset "$model" --batch 8 --seq-len "$seq" --steps 5 --rounds 2 \
     --compile
 step generate_eager 90 "$py" "$here/generate.py" --preset "$model" --tokens "$tokens" --images 16 --repeats 1
 step generate_compiled 110 "$py" "$here/generate.py" --preset "$model" --tokens "$tokens" --images 16 --repeats 1 \

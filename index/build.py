@@ -5,6 +5,8 @@
    model for shards without them.
 2. ``build_index``: the FAISS index chosen for the count, dimension and memory budget, tuned to the
    recall target, saved with the CLIP identity so queries embedded by another model are refused.
+   With ``online``, also ``build_online_index`` beside it (``faiss_online/``): the index tuned for one
+   query at a time, which ``load_for_search`` (``cm3 search``, ``Retriever``) prefers.
 3. Retrieval over Ray Data: an actor pool opens the index and the store memory-mapped and picks
    each row's neighbours with the paper's filters (``select_neighbours``); the driver commits one
    augmented shard per token shard (``ShardAssembler``), so a killed run resumes per shard.
@@ -34,7 +36,8 @@ from cm3.pipeline.shard_assembler import ShardAssembler
 from cm3.pipeline.tokenize import read_tokens_config
 
 DOCS_DIR = "docs"
-FAISS_DIR = "faiss"
+FAISS_DIR = "faiss"  # the batch index: augmented shards
+ONLINE_DIR = "faiss_online"  # the online index: one query at a time (optional)
 REPORT_FILE = "build_report.json"
 
 
@@ -44,6 +47,7 @@ class IndexSettings:
     recall_target: float = 0.95
     retrieval: RetrievalSettings = field(default_factory=RetrievalSettings)
     seed: int = 0
+    online: bool = False  # also build the online index (single-query latency) beside the batch one
 
 
 def augmented_schema(token_schema: pa.Schema, tokens_per_image: int) -> pa.Schema:
@@ -53,8 +57,10 @@ def augmented_schema(token_schema: pa.Schema, tokens_per_image: int) -> pa.Schem
         .append(pa.field("neighbour_image_ids", pa.list_(pa.list_(pa.int16(), tokens_per_image))))
 
 
-def check_build_inputs(tokens_dir: Path, clip: dict | None) -> tuple[dict, list[int], dict]:
-    """(token folder config, complete shard ids, the CLIP identity to use); errors before any work."""
+def check_build_inputs(tokens_dir: Path, clip: dict | None,
+                       index_dir: Path | None = None) -> tuple[dict, list[int], dict]:
+    """(token folder config, complete shard ids, the CLIP identity to use); errors before any work, including an
+    ``index_dir`` whose indexes hold the documents of another tokenizer or the vectors of another CLIP model."""
     config = read_tokens_config(tokens_dir)
     shards = complete_shards(Path(tokens_dir))
     if not shards or sum(read_stats(tokens_dir, s).get("kept", 0) for s in shards) == 0:
@@ -66,7 +72,26 @@ def check_build_inputs(tokens_dir: Path, clip: dict | None) -> tuple[dict, list[
     if stored is not None and clip is not None and stored != clip:
         raise InputError(f"{tokens_dir}: the token shards' vectors come from CLIP {stored}, not {clip}; "
                          "vectors of two models cannot share one index")
+    if index_dir is not None:
+        from cm3.index.faiss_index import META_FILE, VectorIndex
+
+        for folder in (Path(index_dir) / FAISS_DIR, Path(index_dir) / ONLINE_DIR):
+            if (folder / META_FILE).is_file():
+                check_index_source(folder, VectorIndex.read_record(folder)["metadata"], config["tokenizer_sha256"],
+                                   stored or clip)
     return config, shards, stored or clip
+
+
+def check_index_source(folder: Path, metadata: dict, tokenizer_sha256: str | None, clip: dict | None) -> None:
+    """An index folder serves one document set: refuse an index whose documents came from another tokenizer
+    (their VQ and BPE ids would mean other things) or whose vectors came from another CLIP model."""
+    if metadata.get("tokenizer_sha256") != tokenizer_sha256:
+        raise InputError(f"{folder}: indexes documents of another tokenizer (tokenizer_sha256 "
+                         f"{str(metadata.get('tokenizer_sha256'))[:12]} != {str(tokenizer_sha256)[:12]}); "
+                         "choose another --index folder")
+    if metadata.get("clip") != clip:
+        raise InputError(f"{folder}: holds vectors of CLIP {metadata.get('clip')}, not {clip}; vectors of two "
+                         "models cannot share one index folder; choose another --index folder")
 
 
 def _embed_from_raw(raw_dir: Path, identity: dict):
@@ -141,13 +166,15 @@ def run_build_index(tokens_dir: Path, index_dir: Path, augmented_dir: Path, *, c
     """Build (or reuse) the store and index in ``index_dir``, then write augmented shards (needs Ray)."""
     import ray
 
-    from cm3.index.faiss_index import VectorIndex, build_index
+    from cm3.index.faiss_index import META_FILE, VectorIndex, build_index
+    from cm3.index.online_index import build_online_index
 
     tokens_dir, index_dir, augmented_dir = Path(tokens_dir), Path(index_dir), Path(augmented_dir)
-    config, shards, identity = check_build_inputs(tokens_dir, clip)
+    config, shards, identity = check_build_inputs(tokens_dir, clip, index_dir)
     tokens_per_image = int(config["tokens_per_image"])
     started = time.time()
-    if not (index_dir / FAISS_DIR / "index.json").exists():
+    vectors = None
+    if not (index_dir / FAISS_DIR / META_FILE).exists():
         embed, dim = (None, int(config["clip_dim"])) if config.get("clip") else _embed_from_raw(
             Path(config["raw_dir"]), identity)
         with tqdm(desc="documents", unit="doc", disable=not progress) as bar:
@@ -160,7 +187,18 @@ def run_build_index(tokens_dir: Path, index_dir: Path, augmented_dir: Path, *, c
                             memory_budget_bytes=settings.memory_budget_bytes, recall_target=settings.recall_target,
                             seed=settings.seed, metadata=metadata, progress=progress)
         built.save(index_dir / FAISS_DIR)
-    index_info = VectorIndex.load(index_dir / FAISS_DIR).info
+    index_info = VectorIndex.read_record(index_dir / FAISS_DIR)
+    if settings.online and not (index_dir / ONLINE_DIR / META_FILE).exists():
+        if vectors is None:
+            vectors = np.asarray(DocStore(index_dir / DOCS_DIR).vectors, dtype=np.float32)
+        online = build_online_index(vectors, np.arange(len(vectors), dtype=np.int64),
+                                    memory_budget_bytes=settings.memory_budget_bytes,
+                                    recall_target=settings.recall_target, seed=settings.seed,
+                                    metadata=index_info["metadata"], progress=progress)
+        online.save(index_dir / ONLINE_DIR)
+    del vectors
+    online_info = VectorIndex.read_record(index_dir / ONLINE_DIR) if (index_dir / ONLINE_DIR / META_FILE).exists() \
+        else None
     index_seconds = time.time() - started
 
     done = set(complete_shards(augmented_dir)) if augmented_dir.exists() else set()
@@ -194,6 +232,7 @@ def run_build_index(tokens_dir: Path, index_dir: Path, augmented_dir: Path, *, c
     report = {
         "documents": DocStore(index_dir / DOCS_DIR).size,
         "index": index_info,
+        "online_index": online_info,
         "clip": identity,
         "augmented_shards_written": len(assembler.written),
         "augmented_shards_skipped_complete": len(done),
@@ -206,10 +245,18 @@ def run_build_index(tokens_dir: Path, index_dir: Path, augmented_dir: Path, *, c
 
 
 def load_for_search(index_dir: Path, clip: dict | None = None):
-    """(VectorIndex, DocStore, the CLIP identity); refuses a query model other than the index's."""
-    from cm3.index.faiss_index import VectorIndex
+    """(VectorIndex, DocStore, the CLIP identity): the online index when the folder has one, else the batch one.
+    Refuses a query model other than the index's, and an online index built from another tokenizer's documents
+    or another CLIP's vectors than the folder's batch index."""
+    from cm3.index.faiss_index import META_FILE, VectorIndex
 
-    index = VectorIndex.load(Path(index_dir) / FAISS_DIR)
+    index_dir = Path(index_dir)
+    batch = VectorIndex.read_record(index_dir / FAISS_DIR)["metadata"]
+    if (index_dir / ONLINE_DIR / META_FILE).is_file():
+        index = VectorIndex.load(index_dir / ONLINE_DIR)
+        check_index_source(index_dir / ONLINE_DIR, index.metadata, batch.get("tokenizer_sha256"), batch.get("clip"))
+    else:
+        index = VectorIndex.load(index_dir / FAISS_DIR)
     stored = index.metadata.get("clip")
     if clip is not None and clip != stored:
         raise InputError(f"{index_dir}: built with CLIP {stored}; the query model {clip} would give vectors "

@@ -4,6 +4,8 @@ CM3Leon retrieves documents by cosine similarity of CLIP vectors; with normalise
 the inner product, so every index here uses ``faiss.METRIC_INNER_PRODUCT``. This module chooses an
 index type for a size and memory budget, builds it, tunes its one search knob (``nprobe`` or
 ``efSearch``) against exact search to reach a recall target, and saves/loads it atomically.
+``build_index`` is the batch index (queries/s over whole shards); ``online_index`` builds, from the
+same parts, the one for single queries.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import re
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -59,6 +62,7 @@ class IndexChoice:
     pq_bytes: int | None
     estimated_bytes: int
     reason: str
+    ef_construction: int | None = None  # HNSW graphs: candidates kept while linking (None: faiss's default, 40)
 
 
 def parse_memory_size(text: str) -> int:
@@ -91,11 +95,14 @@ def _ivf_pq_bytes(n: int, dim: int, nlist: int, pq_bytes: int, hnsw_quantizer: b
     return n * (pq_bytes + 2 * ID_BYTES) + quantizer + dim * d_out * 4 + 256 * d_out * 4
 
 
-def choose_index(n_vectors: int, dim: int, memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET) -> IndexChoice:
+def choose_index(n_vectors: int, dim: int, memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET,
+                 hnsw_quantizer: bool | None = None) -> IndexChoice:
     """Pick the index for ``n_vectors`` of ``dim`` under a memory budget (autofaiss's rules, see module doc).
 
     Flat below 1k vectors, HNSW32 below 10k, IVF-Flat (nlist ~ 4*sqrt(n)) up to 1M when it fits,
     else OPQ+IVF+PQ with the largest PQ code that fits. Raises ValueError when nothing fits.
+    ``hnsw_quantizer`` forces (True) or forbids (False) an HNSW coarse quantizer for the IVF kinds;
+    None uses one from 16k lists up, where a flat one gets slow to assign.
     """
     if n_vectors < 1 or dim < 1:
         raise ValueError(f"need n_vectors >= 1 and dim >= 1, got n_vectors={n_vectors}, dim={dim}")
@@ -109,13 +116,15 @@ def choose_index(n_vectors: int, dim: int, memory_budget_bytes: int = DEFAULT_ME
         return IndexChoice(f"HNSW{HNSW_M}", "hnsw", None, HNSW_M, None, hnsw_bytes,
                            f"{n_vectors} < {HNSW_MAX_N} vectors: too few to train IVF; HNSW needs no training")
     nlist = _nlist(n_vectors)
-    ivf_flat_bytes = n_vectors * (4 * dim + 2 * ID_BYTES) + nlist * dim * 4
+    if hnsw_quantizer is None:
+        hnsw_quantizer = nlist >= HNSW_QUANTIZER_MIN_NLIST
+    coarse = f"IVF{nlist}_HNSW{HNSW_M}" if hnsw_quantizer else f"IVF{nlist}"
+    ivf_flat_bytes = n_vectors * (4 * dim + 2 * ID_BYTES) + nlist * dim * 4 + (
+        nlist * 2 * HNSW_M * 4 if hnsw_quantizer else 0)
     if n_vectors <= IVF_FLAT_MAX_N and ivf_flat_bytes <= budget:
-        return IndexChoice(f"IVF{nlist},Flat", "ivf_flat", nlist, None, None, ivf_flat_bytes,
+        return IndexChoice(f"{coarse},Flat", "ivf_flat", nlist, None, None, ivf_flat_bytes,
                            f"{n_vectors} vectors fit uncompressed in the budget ({ivf_flat_bytes / 2**30:.2f} GiB"
                            f" <= {budget / 2**30:.2f} GiB): IVF-Flat, nlist ~ 4*sqrt(n)")
-    hnsw_quantizer = nlist >= HNSW_QUANTIZER_MIN_NLIST
-    coarse = f"IVF{nlist}_HNSW{HNSW_M}" if hnsw_quantizer else f"IVF{nlist}"
     for pq_bytes in (b for b in PQ_BYTES if b <= dim):
         size = _ivf_pq_bytes(n_vectors, dim, nlist, pq_bytes, hnsw_quantizer)
         if size <= budget:
@@ -133,7 +142,7 @@ def _available_cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def _set_threads(threads: int | None) -> None:
+def set_threads(threads: int | None) -> None:
     """OpenMP defaults to every core of the host, even ones outside our CPU affinity/cgroup."""
     faiss.omp_set_num_threads(threads or _available_cpus())
 
@@ -176,7 +185,7 @@ def _search_params(choice: IndexChoice, value: int) -> dict[str, int]:
     if name is None:
         return {}
     params = {name: value}
-    if choice.kind == "ivf_pq" and "_HNSW" in choice.factory:
+    if choice.nlist is not None and "_HNSW" in choice.factory:
         params["quantizer_efSearch"] = max(64, 2 * value)
     return params
 
@@ -229,17 +238,22 @@ class VectorIndex:
         atomic_write(folder / META_FILE, json.dumps(record, indent=2))
         return folder
 
+    @staticmethod
+    def read_record(folder: str | os.PathLike) -> dict[str, Any]:
+        """A saved index's index.json (build record, with its ``metadata``), without opening the index."""
+        meta_path = Path(folder) / META_FILE
+        if not meta_path.is_file():
+            raise FileNotFoundError(f"{folder} has no {META_FILE}: not a saved index, or its save did not finish")
+        return json.loads(meta_path.read_text())
+
     @classmethod
     def load(cls, folder: str | os.PathLike, mmap: bool = True, threads: int | None = None) -> "VectorIndex":
         """Open a saved index; with ``mmap`` the vectors/codes stay on disk and pages load on demand."""
         folder = Path(folder)
-        meta_path = folder / META_FILE
-        if not meta_path.is_file():
-            raise FileNotFoundError(f"{folder} has no {META_FILE}: not a saved index, or its save did not finish")
-        record = json.loads(meta_path.read_text())
+        record = cls.read_record(folder)
         metadata = record.pop("metadata", {})
         record.pop("format_version", None)
-        _set_threads(threads)
+        set_threads(threads)
         index = _read_index(folder / INDEX_FILE, mmap)
         ids = np.load(folder / IDS_FILE, mmap_mode="r" if mmap else None)
         if index.ntotal != len(ids) or index.d != record["dim"]:
@@ -273,6 +287,51 @@ def _on_gpu(index: faiss.Index, kind: str) -> faiss.Index | None:
         return None
 
 
+def checked_inputs(vectors: np.ndarray, ids: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """(float32 [n, d] vectors, int64 [n] unique ids: row numbers when None), or a ValueError saying what is wrong."""
+    vectors = _as_matrix(vectors, "vectors")
+    n = len(vectors)
+    if n == 0:
+        raise ValueError("cannot build an index from an empty vector set (0 vectors)")
+    ids = np.arange(n, dtype=np.int64) if ids is None else np.asarray(ids)
+    if ids.shape != (n,) or not np.issubdtype(ids.dtype, np.integer):
+        raise ValueError(f"ids must be {n} integers (one per vector), got shape {ids.shape} dtype {ids.dtype}")
+    ids = ids.astype(np.int64, copy=False)
+    if len(np.unique(ids)) != n:
+        raise ValueError("ids must be unique")
+    return vectors, ids
+
+
+def reporter(progress: bool) -> Callable[[str], None]:
+    """Progress lines to stderr, or nothing."""
+    return (lambda msg: print(msg, file=sys.stderr, flush=True)) if progress else (lambda msg: None)
+
+
+def fill_index(vectors: np.ndarray, choice: IndexChoice, rng: np.random.Generator, rows: np.ndarray | None = None,
+               train_sample: int | None = None, add_batch: int = 100_000,
+               say: Callable[[str], None] = reporter(False)) -> faiss.Index:
+    """A new ``choice`` index trained on a sample of ``vectors[rows]`` (default 50 per IVF list) and filled with
+    them in ``rows`` order (every row in order when None), on the GPU when faiss has one and the index allows."""
+    n, dim = len(vectors) if rows is None else len(rows), vectors.shape[1]
+    index = faiss.index_factory(dim, choice.factory, METRIC)
+    if choice.nlist is not None:
+        faiss.extract_index_ivf(index).cp.niter = KMEANS_ITERATIONS
+    if choice.ef_construction is not None:
+        faiss.downcast_index(index).hnsw.efConstruction = choice.ef_construction
+    device = _on_gpu(index, choice.kind)
+    work = device or index
+    if choice.nlist is not None:
+        per_list = max(TRAIN_POINTS_PER_LIST * choice.nlist, PQ_MIN_TRAIN if choice.kind == "ivf_pq" else 0)
+        size = min(n, train_sample or per_list)
+        sample = np.sort(rng.choice(n, size=size, replace=False))
+        say(f"training on {size} sampled vectors")
+        work.train(vectors[sample if rows is None else rows[sample]])
+    for lo in range(0, n, add_batch):
+        work.add(vectors[lo:lo + add_batch] if rows is None else vectors[rows[lo:lo + add_batch]])
+        say(f"added {min(lo + add_batch, n)}/{n}")
+    return index if device is None else faiss.index_gpu_to_cpu(device)
+
+
 def _tuning_queries(vectors: np.ndarray, n_queries: int, rng: np.random.Generator) -> np.ndarray:
     """Data vectors plus small Gaussian noise: queries that look like the data without being copies of it."""
     rows = rng.choice(len(vectors), size=min(n_queries, len(vectors)), replace=False)
@@ -281,8 +340,8 @@ def _tuning_queries(vectors: np.ndarray, n_queries: int, rng: np.random.Generato
     return (sample + rng.normal(scale=scale, size=sample.shape)).astype(np.float32)
 
 
-def _tune(index: faiss.Index, choice: IndexChoice, queries: np.ndarray, exact_ids: np.ndarray, k: int,
-          target: float, say) -> tuple[dict[str, int], float]:
+def tune_knob(index: faiss.Index, choice: IndexChoice, queries: np.ndarray, exact_ids: np.ndarray, k: int,
+              target: float, say: Callable[[str], None]) -> tuple[dict[str, int], float]:
     """Smallest knob value (within BISECT_TOLERANCE) with recall@k >= target + TUNE_MARGIN: doubling, then bisection.
 
     If recall stops improving (a doubling gains < PLATEAU, as with PQ codes) the target is unreachable
@@ -351,39 +410,15 @@ def build_index(
     exact index is kept instead, with the measurements in its ``reason``.
     """
     start = time.perf_counter()
-    vectors = _as_matrix(vectors, "vectors")
+    vectors, ids = checked_inputs(vectors, ids)
     n, dim = vectors.shape
-    if n == 0:
-        raise ValueError("cannot build an index from an empty vector set (0 vectors)")
-    ids = np.arange(n, dtype=np.int64) if ids is None else np.asarray(ids)
-    if ids.shape != (n,) or not np.issubdtype(ids.dtype, np.integer):
-        raise ValueError(f"ids must be {n} integers (one per vector), got shape {ids.shape} dtype {ids.dtype}")
-    ids = ids.astype(np.int64, copy=False)
-    if len(np.unique(ids)) != n:
-        raise ValueError("ids must be unique")
     chosen_by_us = choice is None
     choice = choice or choose_index(n, dim, memory_budget_bytes)
-    say = (lambda msg: print(msg, file=sys.stderr, flush=True)) if progress else (lambda msg: None)
-    _set_threads(threads)
+    say = reporter(progress)
+    set_threads(threads)
     rng = np.random.default_rng(seed)
     say(f"building {choice.factory} ({choice.kind}) for {n} x {dim}: {choice.reason}")
-
-    index = faiss.index_factory(dim, choice.factory, METRIC)
-    if choice.nlist is not None:
-        faiss.extract_index_ivf(index).cp.niter = KMEANS_ITERATIONS
-    device = _on_gpu(index, choice.kind)
-    work = device or index
-    if choice.nlist is not None:
-        per_list = max(TRAIN_POINTS_PER_LIST * choice.nlist, PQ_MIN_TRAIN if choice.kind == "ivf_pq" else 0)
-        size = min(n, train_sample or per_list)
-        rows = np.sort(rng.choice(n, size=size, replace=False))
-        say(f"training on {size} sampled vectors")
-        work.train(vectors[rows])
-    for lo in range(0, n, add_batch):
-        work.add(vectors[lo:lo + add_batch])
-        say(f"added {min(lo + add_batch, n)}/{n}")
-    if device is not None:
-        index = faiss.index_gpu_to_cpu(device)
+    index = fill_index(vectors, choice, rng, train_sample=train_sample, add_batch=add_batch, say=say)
     trained_seconds = time.perf_counter() - start
 
     queries = _tuning_queries(vectors, tune_queries, rng)
@@ -392,7 +427,7 @@ def build_index(
     flat_seconds = time.perf_counter()
     exact_ids = flat.search(queries, k)[1]
     flat_seconds = time.perf_counter() - flat_seconds
-    params, recall = _tune(index, choice, queries, exact_ids, k, recall_target, say)
+    params, recall = tune_knob(index, choice, queries, exact_ids, k, recall_target, say)
     _apply(index, params)
     qps = _queries_per_second(index, queries, k)
     flat_qps = len(queries) / flat_seconds
@@ -409,8 +444,8 @@ def build_index(
             index, params, recall, qps = flat, {}, 1.0, flat_qps
     del flat
     info = {
-        "choice": asdict(choice), "factory": choice.factory, "kind": choice.kind, "dim": dim, "n": n,
-        "metric": "inner_product", "search_params": params, "k": k, "recall_target": recall_target,
+        "workload": "batch", "choice": asdict(choice), "factory": choice.factory, "kind": choice.kind, "dim": dim,
+        "n": n, "metric": "inner_product", "search_params": params, "k": k, "recall_target": recall_target,
         "recall_at_k": recall, "recall_target_met": recall >= recall_target, "queries_per_second": qps,
         "train_add_seconds": trained_seconds, "build_seconds": time.perf_counter() - start,
     }

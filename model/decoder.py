@@ -20,6 +20,7 @@ from cm3.core.files import atomic_write
 from cm3.tokenizers.vocabulary import Vocabulary
 
 from .config import CM3Config
+from .loss import linear_cross_entropy
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -203,6 +204,8 @@ class Block(nn.Module):
 
 
 class CM3(nn.Module):
+    loss_kernel = None  # the training loss's per-chunk kernel; `apply_compile` sets a compiled one
+
     def __init__(self, config: CM3Config):
         super().__init__()
         self.config = config
@@ -231,13 +234,18 @@ class CM3(nn.Module):
             nn.init.zeros_(block.mlp.down.weight)
 
     def forward(self, ids: torch.Tensor, *, kv_cache: KVCache | None = None, start_pos: int = 0,
-                key_padding: torch.Tensor | None = None) -> torch.Tensor:
+                key_padding: torch.Tensor | None = None, targets: torch.Tensor | None = None,
+                loss_weights: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """ids [B, T] at positions [start_pos, start_pos + T) -> float32 logits [B, T, vocab].
 
         With `kv_cache`, keys/values of these positions are written to it and earlier ones are read from it.
         `key_padding` [B, start_pos + T] (True = padding) makes left-padding invisible: pads are hidden from
         attention and each row's positions start after its pads, so a padded prompt gives the same logits as
         the prompt alone (generation batches prompts of different lengths this way).
+
+        Training passes `targets` and `loss_weights` [B, T] and gets (sum of loss_weights * cross-entropy,
+        per-position cross-entropy) instead, computed chunk by chunk (`linear_cross_entropy`): the [B, T, vocab]
+        logits never exist. It is computed inside forward so that FSDP and DDP see the output head's use.
         """
         T = ids.shape[1]
         if start_pos + T > self.config.max_seq_len:
@@ -259,6 +267,9 @@ class CM3(nn.Module):
         for block in self.blocks:
             x = block(x, rope, kv_cache, start_pos, mask)
         weight = self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
+        if targets is not None:
+            weights = torch.ones_like(targets, dtype=torch.float32) if loss_weights is None else loss_weights
+            return linear_cross_entropy(self.norm(x), weight, targets, weights, kernel=self.loss_kernel)
         return F.linear(self.norm(x), weight).float()
 
     def _grid_embedding(self, ids: torch.Tensor, kv_cache: KVCache | None, start_pos: int) -> torch.Tensor:

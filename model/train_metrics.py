@@ -1,4 +1,5 @@
-"""Where training metrics go: a JSONL file in the run folder, the Ray dashboard, and a loss-curve PNG.
+"""Training accounting and where its figures go: FLOPs and MFU, memory, the attention kernel, profiler traces,
+a JSONL file in the run folder, the Ray dashboard, and a loss-curve PNG.
 
 The JSONL file is the record a resumed run continues: on resume, lines past the checkpoint step (steps that
 were trained but lost with the killed process) are dropped, so each step appears once and the curve is whole.
@@ -6,15 +7,86 @@ were trained but lost with the killed process) are dropped, so each step appears
 
 from __future__ import annotations
 
+import contextlib
 import json
+import resource
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import torch
 from PIL import Image, ImageDraw
 
 from cm3.core.files import atomic_write
+from cm3.model.config import CM3Config, num_parameters
 
 METRICS_FILE = "metrics.jsonl"
-DASHBOARD_METRICS = ("loss", "text_loss", "image_loss", "tokens_per_s", "lr", "grad_norm", "mfu")
+PROFILE_DIR = "profile"
+DASHBOARD_METRICS = ("loss", "text_loss", "image_loss", "tokens_per_s", "lr", "grad_norm", "mfu", "data_wait",
+                     "memory_gib")
+
+# Dense bf16 tensor-core peak FLOP/s by device-name substring (no sparsity), for MFU.
+PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "B200": 2250e12, "A100": 312e12, "L40S": 362e12,
+                   "A10G": 125e12, "L4": 121e12}
+# Attention FLOPs per token per layer, in units of T * d: 12 (PaLM, torchtitan: QK^T and AV, forward and
+# backward); cm3 counted 6 before, which `benchmarks/train.py` still prints beside it while users switch.
+ATTENTION_FLOPS = 12
+LEGACY_ATTENTION_FLOPS = 6
+
+
+# Accounting
+
+
+def flops_per_token(config: CM3Config, seq_len: int, attention: int = ATTENTION_FLOPS) -> float:
+    """Training FLOPs per token: 6 N over the matmul parameters (blocks and the output head) plus the attention
+    scores, `attention` x L x T x d (PaLM appendix B; torchtitan's `get_num_flop_per_token`)."""
+    n = num_parameters(config, include_embeddings=False) + config.vocab_size * config.d_model
+    return 6 * n + attention * config.n_layers * seq_len * config.d_model
+
+
+def peak_flops(device: torch.device) -> float | None:
+    """Peak dense bf16 FLOP/s of one device, from `PEAK_BF16_FLOPS`; None on CPU or an unknown card."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAK_BF16_FLOPS.items() if key in name), None)
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    """The most memory this process has held: the GPU's allocated peak, or on the CPU the peak resident set."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def attention_backend(config: CM3Config, device: torch.device, dtype: torch.dtype) -> str:
+    """The kernel `scaled_dot_product_attention` picks for this model's causal training attention on `device`
+    in `dtype`: flash, efficient, cudnn or math (math on a GPU means a slow run: say so before it starts).
+    Asked of `torch._fused_sdp_choice`, the function SDPA itself calls to choose; "unknown" if torch lacks it."""
+    from torch.nn.attention import SDPBackend
+
+    choose = getattr(torch, "_fused_sdp_choice", None)
+    if choose is None:
+        return "unknown"
+    q = torch.zeros(1, config.n_heads, 64, config.head_dim, device=device, dtype=dtype)
+    return SDPBackend(choose(q, q, q, is_causal=True)).name.split("_")[0].lower()  # FLASH_ATTENTION -> flash
+
+
+@contextlib.contextmanager
+def profiler(directory: Path, rank: int, steps: int, device: torch.device) -> Iterator[Callable[[], None]]:
+    """A step callback for the loop. With `steps` > 0, the torch profiler skips one step (warm-up, compiling),
+    records one more without keeping it, then traces `steps` steps into DIRECTORY/rank{rank}.json (Chrome
+    trace format: chrome://tracing, Perfetto)."""
+    if steps <= 0:
+        yield lambda: None
+        return
+    from torch.profiler import ProfilerActivity, profile, schedule
+
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"rank{rank}.json"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities, schedule=schedule(wait=1, warmup=1, active=steps, repeat=1),
+                 on_trace_ready=lambda p: p.export_chrome_trace(str(path))) as prof:
+        yield prof.step
 
 
 class MetricsLog:

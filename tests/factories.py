@@ -1,9 +1,11 @@
-"""Small real artefacts the tests build: raw shards in cm3 ingest's layout, tokenizers, a CLIP checkpoint."""
+"""Small real artefacts the tests build: raw shards in cm3 ingest's layout, tokenizers, a CLIP checkpoint,
+retrieval-augmented and SFT training shards."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
@@ -45,6 +47,13 @@ def make_tokenizer(folder: Path, vq_config: dict, captions: list[str]) -> Multim
     return tokenizer
 
 
+# A 64-token VQ-GAN with 16 codes: the training tests' tokenizer (vocabulary of 300 BPE ids and 16 codes).
+TRAIN_VQ = dict(ch=8, ch_mult=(1, 2, 2), z_channels=16, embed_dim=16, n_embed=16, resolution=32, norm_groups=8,
+                num_res_blocks=1, attn_resolutions=())
+TRAIN_CAPTIONS = [f"a {c} {s} at the {p}" for c in ("red", "blue", "green") for s in ("circle", "square")
+                  for p in ("top", "bottom", "left")] * 20
+
+
 def captions(n: int = 50) -> list[str]:
     return [spec_for(i).caption for i in range(n)]
 
@@ -62,3 +71,33 @@ def save_random_clip(path: Path, model_name: str = "cm3-clip-tiny") -> dict:
     model, _, _ = open_clip.create_model_and_transforms(model_name, pretrained=None)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
     return {"model_name": model_name, "pretrained": str(path)}
+
+
+def write_augmented_shards(folder: Path, vocab, shards: int = 2, rows: int = 48, seed: int = 0) -> Path:
+    """Retrieval-augmented shards with learnable structure: each caption is a repeated BPE pattern whose image
+    codes follow from it, and each row's neighbours are rows like it."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for shard in range(shards):
+        records = []
+        for i in range(rows):
+            topic = int(rng.integers(4))
+            text = [(topic * 7 + k) % 40 for k in range(int(rng.integers(6, 12)))]
+            image = [(topic * 3 + k) % vocab.image_vocab_size for k in range(64)]
+            records.append({"key": f"{shard}-{i}", "caption": "", "text_ids": text, "image_ids": image,
+                            "neighbour_text_ids": [text[:6], text[1:7]], "neighbour_image_ids": [image, image]})
+        pq.write_table(pa.Table.from_pylist(records), folder / f"{shard:05d}.parquet")
+        (folder / f"{shard:05d}_stats.json").write_text("{}")
+    return folder
+
+
+def write_sft_shards(folder: Path, vocab, rows: int = 64) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    records = []
+    for i in range(rows):
+        topic = i % 4
+        instruction = vocab.text_ids([(topic * 5 + k) % 40 for k in range(8)])
+        answer = vocab.text_ids([(topic * 11 + k) % 40 for k in range(10)])
+        records.append({"ids": [vocab.eod, *instruction, vocab.break_, *answer, vocab.eod]})
+    pq.write_table(pa.Table.from_pylist(records), folder / "00000.parquet")
+    return folder

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -124,3 +125,65 @@ def test_bad_inputs_are_refused(corpus, ray_cluster, tmp_path):
 
     proc = cm3("search", "a red circle", "--index", str(tmp_path / "nowhere"))
     assert proc.returncode == 2 and "index.json" in proc.stderr
+
+
+def test_online_index_answers_cm3_search_and_the_retriever_alike(corpus, ray_cluster, tmp_path):
+    from cm3.index.build import ONLINE_DIR
+    from cm3.index.online_index import build_online_index, online_candidates
+    from cm3.index.query import Retriever
+
+    root, _ = corpus  # the index and augmented shards of the first test: only the online index is new
+    proc = cm3("build-index", str(root / "tokens"), "--index", str(root / "index"), "--out", str(root / "aug"),
+               "--online", "--ray-address", ray_cluster.address, "--no-progress", check=True, timeout=600)
+    assert "0 written, 3 already complete" in proc.stdout and "online index: Flat" in proc.stdout
+    record = VectorIndex.read_record(root / "index" / ONLINE_DIR)
+    assert record["workload"] == "online" and record["recall_at_k"] == 1.0 and record["latency_ms_p50"] > 0
+    assert record["metadata"] == VectorIndex.read_record(root / "index" / FAISS_DIR)["metadata"]
+
+    # a graph instead of exact search (36 documents would never get one by themselves), in a copy of the folder
+    folder = tmp_path / "index"
+    shutil.copytree(root / "index", folder)
+    store = DocStore(folder / DOCS_DIR)
+    graph = online_candidates(1_000, store.meta["dim"])[0]
+    build_online_index(np.asarray(store.vectors, np.float32), candidates=[graph],
+                       metadata=record["metadata"]).save(folder / ONLINE_DIR)
+    retriever = Retriever(folder)
+    assert retriever.index.info["workload"] == "online" and retriever.index.info["kind"] == "hnsw"
+    keys = store.documents(["key"]).column("key").to_pylist()
+    expected = [(keys[row], score) for row, score in retriever.nearest("a small red circle", k=4)]
+    search = cm3("search", "a small red circle", "--index", str(folder), "-k", "4", check=True)
+    shown = [line.split("\t") for line in search.stdout.splitlines() if "\t" in line]
+    assert [key for _, key, _ in shown] == [key for key, _ in expected] and len(expected) == 4
+    assert [float(score) for score, _, _ in shown] == pytest.approx([s for _, s in expected], abs=1e-3)
+
+
+def test_an_index_folder_of_another_tokenizer_or_clip_is_refused(corpus, tmp_path):
+    from cm3.index.build import ONLINE_DIR
+    from cm3.index.online_index import build_online_index
+    from cm3.index.query import Retriever
+    from cm3.core.errors import InputError
+
+    root, _ = corpus  # the index of the first test, copied, with an online index
+    folder = tmp_path / "index"
+    shutil.copytree(root / "index", folder, ignore=shutil.ignore_patterns(ONLINE_DIR))
+    metadata = VectorIndex.read_record(folder / FAISS_DIR)["metadata"]
+    build_online_index(np.asarray(DocStore(folder / DOCS_DIR).vectors, np.float32),
+                       metadata=metadata).save(folder / ONLINE_DIR)
+    assert Retriever(folder).index.info["workload"] == "online"
+    config = json.loads((root / "tokens" / "tokenize_config.json").read_text())
+    for field, value, message in [("tokenizer_sha256", "0" * 64, "another tokenizer"),
+                                  ("clip", {"model_name": "ViT-B-32", "pretrained": None}, "holds vectors of CLIP")]:
+        tokens = tmp_path / f"tokens-{field}"
+        shutil.copytree(root / "tokens", tokens)
+        (tokens / "tokenize_config.json").write_text(json.dumps({**config, field: value}))
+        proc = cm3("build-index", str(tokens), "--index", str(folder), "--out", str(tmp_path / "aug"), "--online")
+        assert proc.returncode == 2 and message in proc.stderr and not (tmp_path / "aug").exists()
+
+    # an online index whose vectors came from another CLIP than the folder's batch index and store
+    online = VectorIndex.load(folder / ONLINE_DIR, mmap=False)
+    VectorIndex(online.index, online.ids, online.info,
+                {**metadata, "clip": {"model_name": "ViT-B-32", "pretrained": None}}).save(folder / ONLINE_DIR)
+    proc = cm3("search", "a red circle", "--index", str(folder))
+    assert proc.returncode == 2 and "holds vectors of CLIP" in proc.stderr
+    with pytest.raises(InputError, match="holds vectors of CLIP"):
+        Retriever(folder)

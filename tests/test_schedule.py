@@ -8,7 +8,7 @@ import pytest
 
 from cm3.core.schedule import StepBudget, decay, warmup_then_decay
 from cm3.model.config import CM3Config
-from cm3.model.training import learning_rate, warmup_for
+from cm3.model.train_step import learning_rate, warmup_for
 
 
 def test_the_decoders_learning_rate_is_metaseqs_linear_schedule():

@@ -1,22 +1,22 @@
-"""`cm3 train` end to end on a 2-layer, d=64 decoder: both stages learn, a killed driver and a killed worker
-resume from their checkpoints, bad inputs fail early with the path named. One local Ray cluster serves the
-in-process runs; the resume test runs the CLI entry point in subprocesses that start their own."""
+"""`cm3 train` end to end on a 2-layer, d=64 decoder: both stages learn, two FSDP workers survive a killed
+worker, a SIGKILLed run resumes bit-identically, the same command trains on two nodes, bad inputs fail early
+with the path named. One local Ray cluster serves the in-process runs; the resume test runs the `cm3` command
+in subprocesses that start their own, the two-node test joins the loopback cluster of the ingest tests."""
 
 from __future__ import annotations
 
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
 from cm3.model.train_metrics import read_metrics
+from conftest import BIN
+from factories import TRAIN_CAPTIONS, TRAIN_VQ, make_tokenizer, write_augmented_shards, write_sft_shards
 
 pytestmark = pytest.mark.slow
 TINY = {"n_layers": 2, "d_model": 64, "n_heads": 2}
@@ -26,16 +26,8 @@ RAY_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
 
 @pytest.fixture(scope="module")
 def tokenizer_dir(tmp_path_factory) -> Path:
-    from cm3.tokenizers.multimodal import MultimodalTokenizer
-    from cm3.tokenizers.text import TextTokenizer
-    from cm3.tokenizers.vqgan import VQGAN, VQGANConfig
-
-    captions = [f"a {c} {s} at the {p}" for c in ("red", "blue", "green") for s in ("circle", "square")
-                for p in ("top", "bottom", "left")] * 20
-    vq = VQGAN(VQGANConfig(ch=8, ch_mult=(1, 2, 2), z_channels=16, embed_dim=16, n_embed=16, resolution=32,
-                           norm_groups=8, num_res_blocks=1, attn_resolutions=()))
     path = tmp_path_factory.mktemp("tok") / "tokenizer"
-    MultimodalTokenizer(TextTokenizer.train(captions, vocab_size=300), vq).save(path)
+    make_tokenizer(path, TRAIN_VQ, TRAIN_CAPTIONS)
     return path
 
 
@@ -44,36 +36,6 @@ def vocab(tokenizer_dir):
     from cm3.tokenizers.multimodal import MultimodalTokenizer
 
     return MultimodalTokenizer.load(tokenizer_dir).vocab
-
-
-def write_augmented_shards(folder: Path, vocab, shards: int = 2, rows: int = 48, seed: int = 0) -> Path:
-    """Retrieval-augmented shards with learnable structure: each caption is a repeated BPE pattern whose image
-    codes follow from it, and each row's neighbours are rows like it."""
-    rng = np.random.default_rng(seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    for shard in range(shards):
-        records = []
-        for i in range(rows):
-            topic = int(rng.integers(4))
-            text = [(topic * 7 + k) % 40 for k in range(int(rng.integers(6, 12)))]
-            image = [(topic * 3 + k) % vocab.image_vocab_size for k in range(64)]
-            records.append({"key": f"{shard}-{i}", "caption": "", "text_ids": text, "image_ids": image,
-                            "neighbour_text_ids": [text[:6], text[1:7]], "neighbour_image_ids": [image, image]})
-        pq.write_table(pa.Table.from_pylist(records), folder / f"{shard:05d}.parquet")
-        (folder / f"{shard:05d}_stats.json").write_text("{}")
-    return folder
-
-
-def write_sft_shards(folder: Path, vocab, rows: int = 64) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    records = []
-    for i in range(rows):
-        topic = i % 4
-        instruction = vocab.text_ids([(topic * 5 + k) % 40 for k in range(8)])
-        answer = vocab.text_ids([(topic * 11 + k) % 40 for k in range(10)])
-        records.append({"ids": [vocab.eod, *instruction, vocab.break_, *answer, vocab.eod]})
-    pq.write_table(pa.Table.from_pylist(records), folder / "00000.parquet")
-    return folder
 
 
 def test_image_grid_takes_the_tokenizers_image_offset_and_must_match_its_grid(tokenizer_dir, vocab):
@@ -134,6 +96,8 @@ def test_pretrain_lowers_loss_and_exports_a_checkpoint(pretrained, vocab):
     first, last = first_last(records)
     assert last < 0.8 * first, (first, last)
     assert all(r["text_loss"] > 0 and r["image_loss"] > 0 and r["tokens_per_s"] > 0 for r in records)
+    assert all(0 <= r["data_wait"] < 1 and r["memory_gib"] > 0 and r["mfu"] is None for r in records)  # CPU: no peak
+    assert {(r["nodes"], r["world_size"], r["attention"]) for r in records} == {(1, 1, "flash")}
     assert {r["threads"] for r in records} == {1}  # Ray's default for a worker holding half a CPU
     model, tokenizer = load_checkpoint(pretrained.checkpoint)
     assert model.config.vocab_size == vocab.size and model.config.n_layers == 2
@@ -155,65 +119,63 @@ def test_sft_from_the_pretrain_run_lowers_loss(pretrained, vocab, tmp_path):
     assert (result.checkpoint / "checkpoint.json").is_file()
 
 
-def test_killed_worker_resumes_from_its_checkpoint(tmp_path, tokenizer_dir, vocab, ray_local, monkeypatch):
+def test_two_fsdp_workers_survive_a_killed_worker(tmp_path, tokenizer_dir, vocab, ray_local, monkeypatch):
+    """FSDP2 over gloo with 2 workers at 0.5 CPU: rank 0 dies at step 10 (after the checkpoints at 4 and 8);
+    Ray restarts both from the last registered checkpoint (`FailureConfig`), which holds both ranks' data
+    positions, and the run ends with every step recorded once."""
+    import json
+
+    from cm3.model.train_checkpoint import STATE_FILE
     from cm3.workflows.train import FAIL_AT_STEP_ENV, run_training
 
     monkeypatch.setenv(FAIL_AT_STEP_ENV, "10")
-    shards = write_augmented_shards(tmp_path / "shards", vocab, shards=1)
+    shards = write_augmented_shards(tmp_path / "shards", vocab, shards=1, rows=25)  # odd: ranks get 13 and 12 rows
     result = run_training(options("pretrain", shards, tmp_path / "runs", tokenizer=tokenizer_dir, steps=12,
-                                  checkpoint_every=4))
+                                  checkpoint_every=4, num_workers=2, parallelism="fsdp"))
     records = read_metrics(result.metrics)
     assert (result.run_dir / ".failed_once").exists()
-    assert [r["step"] for r in records] == list(range(1, 13))
-    # the restarted worker began at a checkpoint (step 4, or 8 if Ray had registered it before the crash)
+    assert [r["step"] for r in records] == list(range(1, 13))  # past an epoch boundary on both ranks
+    # the restarted workers began at a checkpoint (step 4, or 8 if Ray had registered it before the crash)
     assert {r["start_step"] for r in records if r["step"] > 8} <= {4, 8}
-
-
-def test_two_cpu_workers_train_together(tmp_path, tokenizer_dir, vocab, ray_local):
-    """DDP over gloo with 2 workers at 0.5 CPU on the 2-CPU cluster: every step all-reduces over both ranks,
-    and the checkpoint holds both ranks' data positions."""
-    import json
-    import math
-
-    from cm3.model.training import STATE_FILE
-    from cm3.workflows.train import run_training
-
-    shards = write_augmented_shards(tmp_path / "shards", vocab, shards=1, rows=25)  # odd: ranks get 13 and 12 rows
-    result = run_training(options("pretrain", shards, tmp_path / "runs", tokenizer=tokenizer_dir, steps=6,
-                                  checkpoint_every=6, num_workers=2, cpus_per_worker=0.5))
-    records = read_metrics(result.metrics)
-    assert [r["step"] for r in records] == list(range(1, 7))  # past an epoch boundary on both ranks
     assert all(r["world_size"] == 2 for r in records)
-    assert all(math.isfinite(r["loss"]) and r["loss"] > 0 for r in records)
-    assert records[-1]["tokens_seen"] == 6 * 2 * 4 * SEQ  # steps x ranks x batch x seq_len
-    state = json.loads((result.run_dir / "checkpoint_0000006" / STATE_FILE).read_text())
+    assert records[-1]["tokens_seen"] == 12 * 2 * 4 * SEQ  # steps x ranks x batch x seq_len
+    state = json.loads((result.run_dir / "checkpoint_0000012" / STATE_FILE).read_text())
     assert len(state["positions"]) == 2 and state["positions"][0] != state["positions"][1]
 
 
-def test_workers_that_leave_no_cpu_for_data_fail_early():
-    from cm3.workflows.train import check_data_cpus
+def test_workers_that_ask_for_more_cpus_than_the_cluster_has_fail_early():
+    from cm3.workflows.train import check_worker_cpus
 
-    check_data_cpus(2.0, num_workers=2, cpus_per_worker=0.5)
-    with pytest.raises(ValueError, match="cpus-per-worker 0.75"):
-        check_data_cpus(2.0, num_workers=2, cpus_per_worker=1.0)
+    check_worker_cpus(2.0, num_workers=4, cpus_per_worker=0.5)
+    with pytest.raises(ValueError, match="cpus-per-worker 0.5 or less"):
+        check_worker_cpus(2.0, num_workers=4, cpus_per_worker=1.0)
 
 
-def test_killed_driver_resumes_with_the_same_data_order(tmp_path, tokenizer_dir, vocab):
+def train_command(shards: Path, tokenizer: Path, storage: Path, *extra: str) -> list[str]:
+    return [str(BIN / "cm3"), "train", "--stage", "pretrain", "--shards", str(shards), "--tokenizer", str(tokenizer),
+            "--storage", str(storage), "--name", "run", "--seq-len", str(SEQ), "--batch-size", "4", "--batch-tokens",
+            str(4 * SEQ), "--lr", "3e-3", "--warmup-steps", "2", "--retrieved-min", "1",
+            *[arg for key, value in TINY.items() for arg in ("--set", f"{key}={value}")], *extra]
+
+
+def test_a_sigkilled_run_resumes_bit_identically(tmp_path, tokenizer_dir, vocab):
+    """`cm3 train` killed by SIGKILL two steps past its first checkpoint, then run again: it resumes from the
+    checkpoint, and the steps the killed run had already trained after it come out bit for bit the same."""
     shards = write_augmented_shards(tmp_path / "shards", vocab, shards=1)
     storage = tmp_path / "runs"
-    command = [sys.executable, "-m", "cm3.workflows.train", "--stage", "pretrain", "--shards", str(shards), "--tokenizer",
-               str(tokenizer_dir), "--storage", str(storage), "--name", "run", "--steps", "18", "--seq-len",
-               str(SEQ), "--batch-size", "4", "--batch-tokens", str(4 * SEQ), "--lr", "3e-3", "--warmup-steps", "2",
-               "--checkpoint-every", "6", "--cpus-per-worker", "0.5", "--retrieved-min", "1", "--log-every", "6",
-               *[arg for key, value in TINY.items() for arg in ("--set", f"{key}={value}")]]
+    command = train_command(shards, tokenizer_dir, storage, "--steps", "24", "--checkpoint-every", "10",
+                            "--cpus-per-worker", "0.5", "--log-every", "10")
     env = {**os.environ, **RAY_ENV}
     proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     run_dir = storage / "run"
-    deadline = time.time() + 180
-    while not (run_dir / "checkpoint_manager_snapshot.json").exists() and time.time() < deadline:
+    deadline = time.time() + 240
+    # the snapshot is written once Ray has committed a checkpoint; then wait for two more steps (the next
+    # checkpoint is 8 steps away)
+    while not ((run_dir / "checkpoint_manager_snapshot.json").exists()
+               and len(read_metrics(run_dir / "metrics.jsonl")) >= 12) and time.time() < deadline:
         assert proc.poll() is None, "the run ended before its first checkpoint"
-        time.sleep(0.5)  # the snapshot is written once Ray has committed a checkpoint
+        time.sleep(0.2)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     _stop_orphans(proc.pid)
@@ -221,12 +183,13 @@ def test_killed_driver_resumes_with_the_same_data_order(tmp_path, tokenizer_dir,
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     records = read_metrics(run_dir / "metrics.jsonl")
-    steps = [r["step"] for r in records]
     resumed_at = records[-1]["start_step"]
-    assert resumed_at >= 6 and resumed_at % 6 == 0, resumed_at
-    assert steps == list(range(1, 19))
-    # the curve continues: steps before the checkpoint are the killed run's own records, unchanged
-    assert [r["loss"] for r in records[:resumed_at]] == [r["loss"] for r in killed[:resumed_at]]
+    assert resumed_at >= 10 and resumed_at % 10 == 0 and len(killed) > resumed_at, (resumed_at, len(killed))
+    assert [r["step"] for r in records] == list(range(1, 25))
+    # before the checkpoint: the killed run's own records, kept; after it: the same numbers recomputed
+    same = ("loss", "text_loss", "image_loss", "grad_norm", "tokens_seen", "epoch")
+    assert [[r[k] for k in same] for r in records[:len(killed)]] == [[r[k] for k in same] for r in killed]
+    assert all(r["start_step"] == resumed_at for r in records[resumed_at:])
     assert "resumed from step" in done.stdout + done.stderr
 
 
@@ -252,6 +215,22 @@ def _group_alive(group: int) -> bool:
         if int(fields[2]) == group and fields[0] not in ("Z", "X"):
             return True
     return False
+
+
+@pytest.mark.cluster
+def test_the_same_command_trains_on_two_nodes(ray_cluster, tmp_path, tokenizer_dir, vocab):
+    """`cm3 train --ray-address` on the two-node loopback cluster: one FSDP worker per node (each node has one
+    CPU), the run ends with its checkpoint exported."""
+    shards = write_augmented_shards(tmp_path / "shards", vocab, shards=2, rows=16)
+    command = train_command(shards, tokenizer_dir, tmp_path / "runs", "--steps", "4", "--checkpoint-every", "4",
+                            "--num-workers", "2", "--cpus-per-worker", "1", "--ray-address", ray_cluster.address)
+    done = subprocess.run(command, env={**os.environ, **RAY_ENV}, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"Ray cluster at {ray_cluster.address}" in done.stdout
+    records = read_metrics(tmp_path / "runs" / "run" / "metrics.jsonl")
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert {(r["nodes"], r["world_size"]) for r in records} == {(2, 2)}
+    assert (tmp_path / "runs" / "run" / "final" / "checkpoint.json").is_file()
 
 
 def test_bad_inputs_fail_before_training_with_the_path_named(tmp_path, tokenizer_dir, vocab, pretrained):

@@ -15,7 +15,7 @@ from cm3.workflows.commands.index import build_index_command, search
 from cm3.workflows.commands.model import model_init, generate, caption
 from cm3.workflows.commands.sft import sft_convert, sft_demo
 from cm3.workflows.commands.tokenizers import tokenizer_train_vq, tokenizer_train_text, tokenizer_build, clip_train
-from cm3.workflows.train import train_command
+from cm3.workflows.commands.train import train_command
 
 app = typer.Typer(
     name="cm3",

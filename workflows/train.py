@@ -1,29 +1,29 @@
-"""`cm3 train`: pretrain (retrieval-augmented shards) or instruction-tune the decoder on Ray Train.
+"""The Ray Train driver of `cm3 train`: pretrain (retrieval-augmented shards) or instruction-tune the decoder.
 
-The driver checks every input before anything starts (clear errors, no checkpoint touched), reads the
-shards with Ray Data and hands them to a `TorchTrainer`. Each worker turns rows into CM3 windows itself
-(`cm3.model.training.packed_windows`), trains, and reports a checkpoint every `checkpoint_every` steps:
+It checks every input before anything starts (clear errors, no checkpoint touched), lists the shards' units of
+reading, and runs `cm3.model.train_loop.train` in each `TorchTrainer` worker, which reads its own share of the
+shards, trains, and reports a checkpoint every `checkpoint_every` steps:
 
     STORAGE/NAME/checkpoint_0000100/   weights (safetensors) + optimizer.pt + train_state.json (Ray keeps N)
-    STORAGE/NAME/metrics.jsonl         one line per step: loss (text/image), lr, grad norm, tokens/s, MFU
+    STORAGE/NAME/metrics.jsonl         one line per step: loss (text/image), lr, grad norm, tokens/s, MFU,
+                                       data wait, memory
+    STORAGE/NAME/profile/rankR.json    with --profile: a torch profiler trace
     STORAGE/NAME/loss_curve.png        drawn at the end
     STORAGE/NAME/final/                the cm3 inference checkpoint (`cm3 generate --checkpoint`)
 
 Running the same command again (same --storage and --name) resumes from the last checkpoint with the same
-data order; a worker that dies is restarted from it by Ray (`--max-failures`).
+data order; a worker that dies is restarted from it by Ray (`--max-failures`). With --ray-address the workers
+run on that cluster's nodes: the shards and --storage must be at the same paths on every node.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-import tempfile
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
-
-import typer
 
 STAGES = ("pretrain", "sft")
 DOCUMENT_COLUMNS = ("text_ids", "image_ids")
@@ -32,15 +32,12 @@ SFT_COLUMN = "ids"
 FINAL_DIR = "final"
 LOSS_CURVE = "loss_curve.png"
 FAIL_AT_STEP_ENV = "CM3_TRAIN_FAIL_AT_STEP"  # test hook: rank 0 exits at this step, once per run folder
-# Every worker runs its own Ray Data read of the shards (see DataConfig below). Each read runs one task at a
-# time on this many CPUs, and the CPUs the train workers leave free must fit all of them at once: a worker
-# that has its windows waits in the step's all-reduce while its read task, paused by backpressure, still
-# holds a CPU; if that was the last free CPU, the other worker's read never starts and neither reaches step 1.
-READ_CPUS_PER_WORKER = 0.25
 
 
 @dataclass
 class TrainOptions:
+    """The options of `cm3 train`; the command takes its defaults from here."""
+
     stage: str
     shards: Path
     storage: Path = Path("runs/train")
@@ -64,12 +61,16 @@ class TrainOptions:
     num_workers: int = 1
     cpus_per_worker: float = 1.0
     # torch threads per worker; None leaves Ray's default (one per whole CPU the worker holds). Ray only hands out
-    # whole CPUs above one, so a worker that should use both cores of a 2-core box while Ray Data reads holds 1 CPU
-    # and asks for 2 threads here.
+    # whole CPUs above one, so a worker that should use both cores of a 2-core box holds 1 CPU and asks for 2
+    # threads here.
     threads_per_worker: Optional[int] = None
     use_gpu: Optional[bool] = None  # default: when the cluster has GPUs
+    parallelism: str = "fsdp"  # fsdp, ddp or none (with one worker: the plain model)
+    activation_checkpointing: str = "none"  # none, full, or N: every N-th block
     compile: bool = False
-    activation_checkpointing: bool = False
+    float8: bool = False
+    profile: int = 0  # steps to trace with the torch profiler (0: none)
+    prefetch: int = 2  # steps of batches the background producer keeps ready
     checkpoint_every: int = 100
     keep: int = 3
     max_failures: int = 3
@@ -95,7 +96,7 @@ class TrainResult:
     loss_curve: Path
 
 
-# Driver: checks
+# Checks
 
 
 def training_shards(folder: Path) -> list[Path]:
@@ -113,7 +114,7 @@ def training_shards(folder: Path) -> list[Path]:
     return paths
 
 
-def shard_columns(paths: list[Path], stage: str, retrieved_max: int) -> list[str]:
+def shard_columns(paths: list[Path], stage: str, retrieved_max: int, workers: int = 1) -> list[str]:
     """The columns to read, after checking every shard's footer: unreadable or unsuitable shards fail here,
     by name, instead of deep inside a worker."""
     import pyarrow.parquet as pq
@@ -130,8 +131,8 @@ def shard_columns(paths: list[Path], stage: str, retrieved_max: int) -> list[str
             columns = _columns_for(names, stage, retrieved_max, path)
         elif missing := sorted(set(columns) - set(meta.schema_arrow.names)):
             raise ValueError(f"{path}: missing column(s) {missing} that {paths[0]} has")
-    if rows == 0:
-        raise ValueError(f"{paths[0].parent}: the shards hold no rows")
+    if rows < workers:
+        raise ValueError(f"{paths[0].parent}: the shards hold {rows} row(s), fewer than the {workers} worker(s)")
     return columns
 
 
@@ -172,50 +173,58 @@ def with_image_offset(overrides: dict[str, Any], tokenizer) -> dict[str, Any]:
     return {**overrides, "image_offset": tokenizer.vocab.image_offset}
 
 
-def latest_run_checkpoint(run_dir: Path) -> Optional[Path]:
-    """The newest complete training checkpoint in a run folder (names carry the zero-padded step)."""
-    from cm3.model.training import STATE_FILE
+def ac_every(value: str) -> int:
+    """--activation-checkpointing: none -> 0, full -> 1 (every block), N -> every N-th block."""
+    named = {"none": 0, "full": 1}
+    if value in named:
+        return named[value]
+    if value.isdigit() and int(value) >= 1:
+        return int(value)
+    raise ValueError(f"--activation-checkpointing {value!r}: expected none, full, or N (every N-th block)")
 
-    done = sorted(p.parent for p in run_dir.glob(f"checkpoint_*/{STATE_FILE}"))
-    return done[-1] if done else None
 
-
-@dataclass
-class Plan:
-    """What every worker needs, as plain data (it travels in `train_loop_config`)."""
-
-    model: dict
-    vocab: dict
-    sequences: dict
-    total_steps: int
-    batch_size: int
-    accumulation: int
-    seed: int
-    run_dir: str
-    run_name: str
-    init: Optional[str]
-    compile: bool
-    activation_checkpointing: bool
-    threads: Optional[int]
-    checkpoint_every: int
-    log_every: int
-    fail_at_step: Optional[int]
+def check_worker_cpus(cluster_cpus: float, num_workers: int, cpus_per_worker: float) -> None:
+    """Fail before starting when the workers ask for more CPUs than the cluster has: Ray would wait for them
+    forever instead of failing."""
+    needed = num_workers * cpus_per_worker
+    if needed > cluster_cpus + 1e-9:
+        raise ValueError(f"{num_workers} worker(s) x {cpus_per_worker:g} CPU need {needed:g} CPUs; the Ray cluster "
+                         f"has {cluster_cpus:g}: use --cpus-per-worker {cluster_cpus / num_workers:g} or less")
 
 
 def plan_run(options: TrainOptions):
-    """(Plan, tokenizer, shard paths, columns) after every check that can fail on bad input."""
+    """(LoopConfig, tokenizer) after every check that can fail on bad input."""
+    import importlib.util
+
     from cm3.model.config import CM3Config
+    from cm3.model.parallelize import ParallelOptions
     from cm3.model.sequences import SequenceConfig
-    from cm3.model.training import grad_accumulation, total_steps_for
+    from cm3.model.train_checkpoint import latest_checkpoint
+    from cm3.model.train_data import shard_units
+    from cm3.model.train_loop import LoopConfig
+    from cm3.model.train_step import grad_accumulation, total_steps_for
     from cm3.tokenizers.multimodal import MultimodalTokenizer
 
     if options.stage not in STAGES:
         raise ValueError(f"stage must be one of {STAGES}, got {options.stage!r}")
     if options.stage == "sft" and options.init is None:
         raise ValueError("stage sft needs --init: a pretrained cm3 checkpoint (or the pretrain run folder)")
+    for name in ("batch_size", "num_workers", "checkpoint_every", "keep", "log_every", "prefetch"):
+        if getattr(options, name) < 1:
+            raise ValueError(f"{name} must be >= 1, got {getattr(options, name)}")
+    if options.threads_per_worker is not None and options.threads_per_worker < 1:
+        raise ValueError(f"threads_per_worker must be >= 1, got {options.threads_per_worker}")
+    if options.profile < 0:
+        raise ValueError(f"--profile must be >= 0 steps, got {options.profile}")
+    parallel = ParallelOptions(options.parallelism, ac_every(options.activation_checkpointing), options.compile,
+                               options.float8)
+    if parallel.parallelism == "none" and options.num_workers > 1:
+        raise ValueError(f"--parallelism none trains one worker, not {options.num_workers}: use fsdp or ddp")
+    if options.float8 and importlib.util.find_spec("torchao") is None:
+        raise ValueError("--float8 needs torchao: pip install 'cm3[float8]'")
     init = init_checkpoint(options.init) if options.init is not None else None
     paths = training_shards(options.shards)
-    columns = shard_columns(paths, options.stage, options.retrieved_max)
+    columns = shard_columns(paths, options.stage, options.retrieved_max, options.num_workers)
     if options.tokenizer is None and init is None:
         raise ValueError("give --tokenizer (the vocabulary to train with) or --init (a checkpoint that has one)")
     tokenizer = MultimodalTokenizer.load(options.tokenizer if options.tokenizer is not None else init / "tokenizer")
@@ -234,7 +243,7 @@ def plan_run(options: TrainOptions):
     schedule = {"lr": options.lr, "warmup_steps": options.warmup_steps, "batch_tokens": options.batch_tokens}
     config = CM3Config.from_dict({**config.to_dict(), **{k: v for k, v in schedule.items() if v is not None}})
 
-    previous = latest_run_checkpoint(options.run_dir)
+    previous = latest_checkpoint(options.run_dir)
     if previous is not None:
         saved = json.loads((previous / "config.json").read_text())["vocab_size"]
         if saved != vocab_size:
@@ -245,27 +254,22 @@ def plan_run(options: TrainOptions):
         raise ValueError(f"--seq-len {seq_len} exceeds the model's max_seq_len {config.max_seq_len}")
     sequences = SequenceConfig(seq_len=seq_len, retrieved_min=options.retrieved_min,
                                retrieved_max=options.retrieved_max, image_first=options.image_first, cm3=options.cm3)
-    if options.threads_per_worker is not None and options.threads_per_worker < 1:
-        raise ValueError(f"threads_per_worker must be >= 1, got {options.threads_per_worker}")
-    for name in ("batch_size", "num_workers", "checkpoint_every", "keep", "log_every"):
-        if getattr(options, name) < 1:
-            raise ValueError(f"{name} must be >= 1, got {getattr(options, name)}")
     fail_at = os.environ.get(FAIL_AT_STEP_ENV)
-    plan = Plan(
+    loop = LoopConfig(
         model=config.to_dict(), vocab=tokenizer.vocab.to_dict(), sequences=asdict(sequences),
-        total_steps=total_steps_for(config, options.steps),
-        batch_size=options.batch_size,
+        units=[asdict(u) for u in shard_units([str(p) for p in paths], options.num_workers)], columns=columns,
+        total_steps=total_steps_for(config, options.steps), batch_size=options.batch_size,
         accumulation=grad_accumulation(config.batch_tokens, options.batch_size, seq_len, options.num_workers),
-        seed=options.seed, run_dir=str(options.run_dir), run_name=options.run_name,
-        init=str(init) if init is not None else None, compile=options.compile,
-        activation_checkpointing=options.activation_checkpointing, threads=options.threads_per_worker,
-        checkpoint_every=options.checkpoint_every,
-        log_every=options.log_every, fail_at_step=int(fail_at) if fail_at else None,
+        run_dir=str(options.run_dir), run_name=options.run_name, seed=options.seed,
+        init=str(init) if init is not None else None, parallelism=parallel.parallelism, ac_every=parallel.ac_every,
+        compile=parallel.compile, float8=parallel.float8, threads=options.threads_per_worker,
+        checkpoint_every=options.checkpoint_every, log_every=options.log_every, profile_steps=options.profile,
+        prefetch=options.prefetch, fail_at_step=int(fail_at) if fail_at else None,
     )
-    return plan, tokenizer, paths, columns
+    return loop, tokenizer
 
 
-# Driver: the run
+# The run
 
 
 def absolute_paths(options: TrainOptions) -> TrainOptions:
@@ -280,11 +284,10 @@ def absolute_paths(options: TrainOptions) -> TrainOptions:
 def run_training(options: TrainOptions) -> TrainResult:
     """Check inputs, train on Ray (resuming the run if it has checkpoints), export the inference checkpoint."""
     options = absolute_paths(options)
-    plan, tokenizer, paths, columns = plan_run(options)
+    loop, tokenizer = plan_run(options)
 
     import ray
-    from ray.data import ExecutionOptions
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from cm3.model.checkpoint import save_checkpoint
@@ -294,312 +297,81 @@ def run_training(options: TrainOptions) -> TrainResult:
 
     connect(options.ray_address)
     use_gpu = options.use_gpu if options.use_gpu is not None else ray.cluster_resources().get("GPU", 0) >= 1
-    resources = {"CPU": options.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
-    check_data_cpus(ray.cluster_resources().get("CPU", 0.0), options.num_workers, options.cpus_per_worker)
-    dataset = ray.data.read_parquet([str(p) for p in paths], num_cpus=READ_CPUS_PER_WORKER,
-                                    concurrency=1).select_columns(columns)
+    check_worker_cpus(ray.cluster_resources().get("CPU", 0.0), options.num_workers, options.cpus_per_worker)
     run_dir = options.run_dir
     trainer = TorchTrainer(
-        train_loop,
-        train_loop_config=asdict(plan),
+        ray_worker,
+        train_loop_config=asdict(loop),
         scaling_config=ScalingConfig(num_workers=options.num_workers, use_gpu=use_gpu,
-                                     resources_per_worker=resources),
+                                     resources_per_worker={"CPU": options.cpus_per_worker,
+                                                           **({"GPU": 1} if use_gpu else {})}),
         run_config=RunConfig(
             name=options.run_name, storage_path=str(run_dir.parent),
             failure_config=FailureConfig(max_failures=options.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=options.keep),
         ),
-        datasets={"train": dataset},
-        # Every worker sees all rows in file order and keeps its own stride of them (packed_windows):
-        # the data order then depends on nothing but the seed, which is what makes resuming exact.
-        dataset_config=DataConfig(datasets_to_split=[], execution_options=ExecutionOptions(preserve_order=True)),
     )
-    print(f"training {options.stage}: {plan.total_steps} steps, {options.num_workers} worker(s) "
-          f"({'GPU' if use_gpu else 'CPU'}), {plan.accumulation} micro-batch(es) of {plan.batch_size} x "
-          f"{plan.sequences['seq_len']} per step; run folder {run_dir}", flush=True)
+    print(f"training {options.stage}: {loop.total_steps} steps, {options.num_workers} worker(s) "
+          f"({'GPU' if use_gpu else 'CPU'}), {loop.accumulation} micro-batch(es) of {loop.batch_size} x "
+          f"{loop.sequences['seq_len']} per step; run folder {run_dir}", flush=True)
     result = trainer.fit()
 
     with result.checkpoint.as_directory() as directory:
         model = CM3.from_pretrained(directory)
     out = options.out or run_dir / FINAL_DIR
-    save_checkpoint(out, model, tokenizer, {"stage": options.stage, "run": str(run_dir), "steps": plan.total_steps,
-                                            "preset": options.preset, "init": plan.init})
+    save_checkpoint(out, model, tokenizer, {"stage": options.stage, "run": str(run_dir), "steps": loop.total_steps,
+                                            "preset": options.preset, "init": loop.init})
     records = read_metrics(run_dir / METRICS_FILE)
     curve = plot_loss_curve(records, run_dir / LOSS_CURVE)
     final_loss = records[-1]["loss"] if records else None
     print(f"done: {out} (cm3 inference checkpoint), metrics {run_dir / METRICS_FILE}, loss curve {curve}",
           flush=True)
-    return TrainResult(run_dir, out, plan.total_steps, final_loss, run_dir / METRICS_FILE, curve)
-
-
-def check_data_cpus(cluster_cpus: float, num_workers: int, cpus_per_worker: float) -> None:
-    """Fail before starting when the train workers would leave too few CPUs for every worker's data read
-    (`READ_CPUS_PER_WORKER` each, all at once): that run would hang before step 1, not fail."""
-    needed = num_workers * (cpus_per_worker + READ_CPUS_PER_WORKER)
-    if needed > cluster_cpus + 1e-9:
-        fit = (cluster_cpus / num_workers) - READ_CPUS_PER_WORKER
-        hint = f"use --cpus-per-worker {fit:g} or less" if fit > 0 else "use fewer --num-workers"
-        raise ValueError(f"{num_workers} worker(s) x {cpus_per_worker:g} CPU plus {READ_CPUS_PER_WORKER:g} CPU each "
-                         f"for reading data need {needed:g} CPUs; the Ray cluster has {cluster_cpus:g}: {hint}")
+    return TrainResult(run_dir, out, loop.total_steps, final_loss, run_dir / METRICS_FILE, curve)
 
 
 # Workers
 
 
-def train_loop(loop_config: dict) -> None:
-    """One Ray Train worker: build or restore the model, stream CM3 windows, step, log, checkpoint."""
-    import ray.train
-    import ray.train.torch
-    import torch
-    import torch.distributed as dist
+class RaySession:
+    """`cm3.model.train_loop.Session` over `ray.train`: Ray hands out the checkpoint to resume from, copies
+    reported checkpoints to storage and keeps the newest N; the gauges go to the Ray dashboard."""
 
-    from cm3.model.config import CM3Config
-    from cm3.model.decoder import CM3
-    from cm3.model.sequences import SequenceConfig
-    from cm3.model.train_metrics import METRICS_FILE, DashboardGauges, MetricsLog
-    from cm3.model.training import (Batch, DataPosition, TokenKinds, TrainState, build_optimizer,
-                                    flops_per_token, learning_rate, load_train_checkpoint, packed_windows,
-                                    peak_flops, train_step)
-    from cm3.tokenizers.vocabulary import Vocabulary
+    def __init__(self, run_name: str):
+        import ray
+        import ray.train
+        import ray.train.torch
 
-    plan = Plan(**loop_config)
-    if plan.threads is not None:
-        torch.set_num_threads(plan.threads)
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
-    device = ray.train.torch.get_device()
-    vocab = Vocabulary.from_dict(plan.vocab)
-    sequences = SequenceConfig(**plan.sequences)
-    config = CM3Config.from_dict(plan.model)
-    run_dir = Path(plan.run_dir)
+        context = ray.train.get_context()
+        self.rank, self.world_size = context.get_world_rank(), context.get_world_size()
+        self.device = ray.train.torch.get_device()
+        self.node = ray.get_runtime_context().get_node_id()
+        self.run_name = run_name
 
-    optimizer_state = None
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
+    @contextlib.contextmanager
+    def checkpoint(self):
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            yield None
+            return
         with checkpoint.as_directory() as directory:
-            model, optimizer_state, state = load_train_checkpoint(Path(directory))
-        config = model.config
-    else:
-        torch.manual_seed(plan.seed)
-        model = CM3.from_pretrained(plan.init) if plan.init else CM3(config)
-        state = TrainState(step=0, tokens_seen=0, positions=[asdict(DataPosition())] * world, seed=plan.seed,
-                           config=config.to_dict())
-    if len(state.positions) != world:
-        print(f"warning: the checkpoint was written by {len(state.positions)} worker(s), this run has {world}; "
-              "the data pass restarts from its beginning", flush=True)
-        epoch = min(p["epoch"] for p in state.positions)
-        state.positions = [asdict(DataPosition(epoch, 0))] * world
-    start_step = state.step
+            yield Path(directory)
 
-    model, forward, sync, fsdp = parallelize(model.to(device), device, world, plan)
-    optimizer = build_optimizer(model, config)
-    if optimizer_state is not None:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    def report(self, metrics: dict, checkpoint: Optional[Path], name: str) -> None:
+        import ray.train
 
-        set_optimizer_state_dict(model, optimizer, optimizer_state, options=StateDictOptions(full_state_dict=fsdp))
-
-    shard = ray.train.get_dataset_shard("train")
-
-    def rows_of_epoch(epoch: int):
-        for batch in shard.iter_batches(batch_size=256, batch_format="pyarrow"):
-            yield from batch.to_pylist()
-
-    stream = packed_windows(rows_of_epoch, vocab, sequences, plan.seed, DataPosition(**state.positions[rank]),
-                            rank, world)
-    kinds = TokenKinds(vocab)
-    autocast = torch.bfloat16 if device.type == "cuda" else None
-    peak = peak_flops(device)
-    flops = flops_per_token(config, sequences.seq_len)
-    log = MetricsLog(run_dir / METRICS_FILE, resume_after_step=start_step if checkpoint else None) if rank == 0 else None
-    gauges = DashboardGauges(plan.run_name) if rank == 0 else None
-    if rank == 0 and start_step:
-        print(f"resumed from step {start_step} ({state.tokens_seen} tokens seen)", flush=True)
-
-    for step in range(start_step, plan.total_steps):
-        if plan.fail_at_step == step and rank == 0 and not (run_dir / ".failed_once").exists():
-            (run_dir / ".failed_once").touch()
-            os._exit(1)  # the test hook: a worker process dying mid-run
-        started = time.perf_counter()
-        micro_batches = []
-        for _ in range(plan.accumulation):
-            windows = [next(stream) for _ in range(plan.batch_size)]
-            position = windows[-1][1]
-            micro_batches.append(Batch.stack([w for w, _ in windows], device))
-        lr = learning_rate(step, config, plan.total_steps)
-        stats = train_step(forward, optimizer, micro_batches, lr, config.grad_clip, kinds, autocast, sync,
-                           process_group=world > 1)
-        seconds = time.perf_counter() - started
-        state.step, state.tokens_seen = step + 1, state.tokens_seen + stats.tokens
-        tokens_per_s = stats.tokens / seconds
-        record = {"step": step + 1, "loss": stats.loss, "text_loss": stats.text_loss,
-                  "image_loss": stats.image_loss, "lr": lr, "grad_norm": stats.grad_norm,
-                  "tokens_per_s": tokens_per_s, "mfu": flops * tokens_per_s / (peak * world) if peak else None,
-                  "tokens_seen": state.tokens_seen, "epoch": position.epoch, "start_step": start_step,
-                  "world_size": stats.workers, "threads": torch.get_num_threads(),
-                  "time": time.time()}
-        if rank == 0:
-            log.write(record)
-            gauges.set(record)
-            if (step + 1) % plan.log_every == 0 or step + 1 == plan.total_steps or step == start_step:
-                mfu = f" MFU {record['mfu']:.1%}" if peak else ""
-                print(f"step {step + 1}/{plan.total_steps} loss {stats.loss:.4f} (text {stats.text_loss:.4f}, "
-                      f"image {stats.image_loss:.4f}) lr {lr:.2e} grad {stats.grad_norm:.2f} "
-                      f"{tokens_per_s:,.0f} tok/s{mfu}", flush=True)
-
-        if (step + 1) % plan.checkpoint_every == 0 or step + 1 == plan.total_steps:
-            positions = [None] * world
-            if world > 1:
-                dist.all_gather_object(positions, asdict(position))
-            else:
-                positions = [asdict(position)]
-            state.positions = positions
-            report_checkpoint(model, optimizer, config, state, record, rank)
-    if log is not None:
-        log.close()
-
-
-def parallelize(model, device, world: int, plan: Plan):
-    """(model, forward module, grad-sync context, is_fsdp). Several GPU workers: FSDP2 (`fully_shard` per
-    block, then the root); several CPU workers: DDP over gloo; then optional activation checkpointing and
-    torch.compile. State dicts are always taken from `model`, never from a wrapper."""
-    import contextlib
-
-    import torch
-    from torch.utils.checkpoint import checkpoint
-
-    if plan.activation_checkpointing:
-        for block in model.blocks:  # recompute each block in backward: memory for FLOPs, keys unchanged
-            block.forward = _checkpointed(block.forward, checkpoint)
-    fsdp = world > 1 and device.type == "cuda"
-    forward, sync = model, None
-    if fsdp:
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-        for block in model.blocks:
-            fully_shard(block, mp_policy=policy)
-        fully_shard(model, mp_policy=policy)
-
-        def sync(last: bool):
-            model.set_requires_gradient_sync(last)
-            return contextlib.nullcontext()
-    elif world > 1:
-        from torch.nn.parallel import DistributedDataParallel
-
-        forward = DistributedDataParallel(model)
-
-        def sync(last: bool):
-            return contextlib.nullcontext() if last else forward.no_sync()
-    if plan.compile:
-        forward = torch.compile(forward)
-    return model, forward, sync, fsdp
-
-
-def _checkpointed(forward, checkpoint):
-    def run(*args):
-        return checkpoint(forward, *args, use_reentrant=False)
-
-    return run
-
-
-def report_checkpoint(model, optimizer, config, state, metrics: dict, rank: int) -> None:
-    """Gather full weights and optimizer state (every rank takes part under FSDP), rank 0 writes them to a
-    local folder, and `ray.train.report` copies it to storage and commits it (Ray keeps the newest N)."""
-    import ray.train
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                         get_optimizer_state_dict)
-
-    from cm3.model.training import save_train_checkpoint
-
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    weights = get_model_state_dict(model, options=options)
-    optimizer_state = get_optimizer_state_dict(model, optimizer, options=options)
-    metrics = {k: v for k, v in metrics.items() if v is not None}
-    name = f"checkpoint_{state.step:07d}"
-    if rank != 0:
-        ray.train.report(metrics, checkpoint=None, checkpoint_dir_name=name)
-        return
-    with tempfile.TemporaryDirectory() as directory:
-        save_train_checkpoint(Path(directory), weights, optimizer_state, config, state)
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory),
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(checkpoint) if checkpoint else None,
                          checkpoint_dir_name=name)
 
+    def gauges(self):
+        from cm3.model.train_metrics import DashboardGauges
 
-# Command line
-
-
-def _parse_overrides(values: list[str]) -> dict[str, Any]:
-    overrides = {}
-    for item in values:
-        key, sep, text = item.partition("=")
-        if not sep:
-            raise ValueError(f"--set {item!r}: expected KEY=VALUE, e.g. --set n_layers=2")
-        try:
-            overrides[key.strip()] = json.loads(text)
-        except json.JSONDecodeError:
-            overrides[key.strip()] = text
-    return overrides
+        return DashboardGauges(self.run_name)
 
 
-def train_command(
-    stage: str = typer.Option(..., help="pretrain (retrieval-augmented shards) or sft (instruction tuning)."),
-    shards: Path = typer.Option(..., help="Shard folder: cm3 build-index output (pretrain) or SFT task shards."),
-    tokenizer: Optional[Path] = typer.Option(None, help="Tokenizer folder (default: the one in --init)."),
-    init: Optional[Path] = typer.Option(None, help="Start from this cm3 checkpoint or pretrain run folder (sft: required)."),
-    storage: Path = typer.Option(Path("runs/train"), help="Folder for run folders (checkpoints, metrics)."),
-    name: Optional[str] = typer.Option(None, help="Run name (default: cm3-STAGE); the same name resumes."),
-    out: Optional[Path] = typer.Option(None, help="Inference checkpoint to export (default: STORAGE/NAME/final)."),
-    preset: str = typer.Option("tiny", help="Model preset: tiny, 350m, 760m, 7b (ignored with --init)."),
-    set_: list[str] = typer.Option([], "--set", help="Override a model config field, e.g. --set n_layers=2."),
-    seq_len: Optional[int] = typer.Option(None, min=8, help="Tokens per training window (default: max_seq_len)."),
-    batch_size: int = typer.Option(8, min=1, help="Sequences per micro-batch per worker."),
-    batch_tokens: Optional[int] = typer.Option(None, min=1, help="Tokens per optimizer step (default: preset's)."),
-    steps: Optional[int] = typer.Option(None, min=1, help="Optimizer steps (default: preset's tokens / batch)."),
-    lr: Optional[float] = typer.Option(None, min=0.0, help="Peak learning rate (default: preset's)."),
-    warmup_steps: Optional[int] = typer.Option(None, min=0, help="Warm-up steps (capped at 10% of the run)."),
-    retrieved_min: int = typer.Option(2, min=0, help="Fewest retrieved documents per example."),
-    retrieved_max: int = typer.Option(2, min=0, help="Most retrieved documents per example."),
-    image_first: float = typer.Option(0.5, min=0.0, max=1.0,
-                                      help="Share of main documents laid out image first (captioning order)."),
-    cm3: bool = typer.Option(True, help="CM3 span objective (--no-cm3: plain causal LM)."),
-    seed: int = typer.Option(0, help="Initialisation and data seed."),
-    num_workers: int = typer.Option(1, min=1, help="Ray Train workers (one GPU each when the cluster has GPUs)."),
-    cpus_per_worker: float = typer.Option(1.0, min=0.01, help="CPUs per worker (leave some for Ray Data)."),
-    threads_per_worker: Optional[int] = typer.Option(None, min=1, help="torch threads per worker (default: one per CPU)."),
-    gpu: Optional[bool] = typer.Option(None, "--gpu/--cpu", help="Force GPU or CPU workers (default: GPU if any)."),
-    compile_model: bool = typer.Option(False, "--compile", help="torch.compile the model."),
-    activation_checkpointing: bool = typer.Option(False, "--activation-checkpointing", help="Recompute blocks in backward."),
-    checkpoint_every: int = typer.Option(100, min=1, help="Steps between checkpoints."),
-    keep: int = typer.Option(3, min=1, help="Checkpoints kept."),
-    max_failures: int = typer.Option(3, min=-1, help="Worker failures survived (-1: no limit)."),
-    log_every: int = typer.Option(10, min=1, help="Steps between progress lines."),
-    ray_address: Optional[str] = typer.Option(None, help="Ray cluster to join; default: start a local one."),
-) -> None:
-    """Train the decoder on Ray: pretrain on retrieval-augmented shards, or instruction-tune (sft).
+def ray_worker(loop_config: dict) -> None:
+    """One Ray Train worker."""
+    from cm3.model.train_loop import LoopConfig, train
 
-    Re-running the same command resumes from the run's last checkpoint.
-
-    Examples:
-
-      cm3 train --stage pretrain --shards data/augmented --tokenizer tokenizer/ --steps 2000
-
-      cm3 train --stage sft --shards data/sft --init runs/train/cm3-pretrain --steps 500 --lr 1e-4
-    """
-    try:
-        options = TrainOptions(
-            stage=stage, shards=shards, storage=storage, name=name, tokenizer=tokenizer, init=init, out=out,
-            preset=preset, model_overrides=_parse_overrides(set_), seq_len=seq_len, batch_size=batch_size,
-            batch_tokens=batch_tokens, steps=steps, lr=lr, warmup_steps=warmup_steps, retrieved_min=retrieved_min,
-            retrieved_max=retrieved_max, image_first=image_first, cm3=cm3, seed=seed, num_workers=num_workers,
-            cpus_per_worker=cpus_per_worker, threads_per_worker=threads_per_worker, use_gpu=gpu, compile=compile_model,
-            activation_checkpointing=activation_checkpointing, checkpoint_every=checkpoint_every, keep=keep,
-            max_failures=max_failures, log_every=log_every, ray_address=ray_address,
-        )
-        run_training(options)
-    except (ValueError, FileNotFoundError) as err:
-        typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(2)
-
-
-if __name__ == "__main__":
-    typer.run(train_command)
+    train(LoopConfig(**loop_config), RaySession(loop_config["run_name"]))

@@ -35,6 +35,8 @@ def build_index_command(
                                       help="Memory the index may use; picks Flat/HNSW/IVF/IVF-PQ."),
     recall_target: float = typer.Option(INDEX.recall_target,
                                         help="Recall@10 against exact search the tuning must reach."),
+    online: bool = typer.Option(False, "--online", help="Also build the online index (tuned for one query at a "
+                                "time: cm3 search, cm3 generate --index, serving) beside the batch one."),
     clip: Optional[Path] = typer.Option(None, help=CLIP_DIR_HELP + " Needed when the shards have no vectors."),
     clip_model: Optional[str] = typer.Option(None, help=CLIP_MODEL_HELP),
     clip_pretrained: Optional[str] = typer.Option(None, help=CLIP_PRETRAINED_HELP),
@@ -48,6 +50,8 @@ def build_index_command(
       cm3 build-index data/tokens --index data/index --out data/augmented
 
       cm3 build-index data/tokens --index data/index --out data/augmented --k 3 --memory-budget 16GB
+
+      cm3 build-index data/tokens --index data/index --out data/augmented --online
     """
     from cm3.index.build import IndexSettings, check_build_inputs, run_build_index
     from cm3.index.retrieval import RetrievalSettings
@@ -57,21 +61,25 @@ def build_index_command(
     try:
         retrieval = RetrievalSettings(k=k, max_similarity=max_similarity, query_dropout=query_dropout,
                                       candidates=max(INDEX.retrieval.candidates, 8 * k + 1))
-        check_build_inputs(tokens, identity)
+        check_build_inputs(tokens, identity, index)
     except (InputError, ValueError) as err:
         fail(str(err))
     settings = IndexSettings(memory_budget_bytes=parse_bytes(memory_budget), recall_target=recall_target,
-                             retrieval=retrieval)
+                             retrieval=retrieval, online=online)
     connect(ray_address)
     try:
         report = run_build_index(tokens, index, out, clip=identity, settings=settings, progress=progress)
     except (InputError, ValueError) as err:
         fail(str(err))
-    info = report["index"]
-    typer.echo(f"index: {report['documents']} documents, {info.get('kind')} ({info.get('factory')}), "
-               f"recall@{info.get('k', 10)} {info.get('recall', float('nan')):.3f}; "
+    info, online_info = report["index"], report["online_index"]
+    typer.echo(f"index: {report['documents']} documents, {info['kind']} ({info['factory']}), "
+               f"recall@{info['k']} {info['recall_at_k']:.3f}; "
                f"augmented shards: {report['augmented_shards_written']} written, "
                f"{report['augmented_shards_skipped_complete']} already complete")
+    if online_info is not None:
+        typer.echo(f"online index: {online_info['factory']} {online_info['search_params']}, recall@{online_info['k']}"
+                   f" {online_info['recall_at_k']:.3f}, one query p50 {online_info['latency_ms_p50']:.2f} ms,"
+                   f" p99 {online_info['latency_ms_p99']:.2f} ms")
 
 
 def search(
@@ -81,7 +89,7 @@ def search(
     k: int = typer.Option(5, "-k", "--k", min=1, help="How many neighbours to show."),
     sheet: Optional[Path] = typer.Option(None, help="Also write a contact sheet PNG of the results."),
 ) -> None:
-    """Show a text or image query's nearest documents (key, caption, score).
+    """Show a text or image query's nearest documents (score, key, caption), from the online index if built.
 
     Examples:
 
@@ -95,8 +103,7 @@ def search(
     from PIL import Image
 
     from cm3.core.shards import parquet_path
-    from cm3.index.build import load_for_search
-    from cm3.tokenizers.clip_embedder import ClipEmbedder
+    from cm3.index.query import Retriever
     from cm3.workflows.report import image_grid
 
     if query is None and image is None:
@@ -104,19 +111,16 @@ def search(
     if image is not None and not image.is_file():
         fail(f"{image}: no such image file")
     try:
-        vector_index, store, identity = load_for_search(index)
+        retriever = Retriever(index)
     except (FileNotFoundError, InputError) as err:
         fail(str(err))
-    embedder = ClipEmbedder(identity["model_name"], identity["pretrained"])
     picture = Image.open(image).convert("RGB") if image is not None else None
-    vector = embedder.embed_documents([picture], [query])
-    scores, ids = vector_index.search(vector, k)
-    documents = store.documents(["key", "caption", "source_shard"])
-    hits = [(int(i), float(s)) for i, s in zip(ids[0], scores[0]) if i >= 0]
+    hits = retriever.nearest(query, picture, k)
+    documents = retriever.store.documents(["key", "caption", "source_shard"])
     for row, score in hits:
         typer.echo(f"{score:.3f}\t{documents.column('key')[row].as_py()}\t{documents.column('caption')[row].as_py()}")
     if sheet is not None:
-        raw_dir = Path(vector_index.metadata.get("raw_dir") or "")
+        raw_dir = Path(retriever.index.metadata.get("raw_dir") or "")
         pictures, captions = [], []
         for row, score in hits:
             key, shard = documents.column("key")[row].as_py(), documents.column("source_shard")[row].as_py()
