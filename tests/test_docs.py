@@ -16,14 +16,18 @@ PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 
 
 def _documented_command_lines():
-    """Each `cm3 ...` line inside a ```bash block, as arguments after `cm3`, with the page and line as its id."""
+    """Each `cm3 ...` command inside a ```bash block (continued over lines ending in a backslash), as arguments
+    after `cm3`, with the page and its first line as its id."""
     for page in PAGES:
-        in_bash = False
+        in_bash, command, start = False, "", 0
         for number, line in enumerate(page.read_text().splitlines(), 1):
             if line.startswith("```"):
                 in_bash = line.strip() == "```bash"
-            elif in_bash and line.lstrip().startswith("cm3 "):
-                yield pytest.param(shlex.split(line, comments=True)[1:], id=f"{page.name}:{number}")
+            elif in_bash and (command or line.lstrip().startswith("cm3 ")):
+                command, start = command + line.rstrip().removesuffix("\\"), start or number
+                if not line.rstrip().endswith("\\"):
+                    yield pytest.param(shlex.split(command, comments=True)[1:], id=f"{page.name}:{start}")
+                    command, start = "", 0
 
 
 COMMAND_LINES = list(_documented_command_lines())
