@@ -48,7 +48,7 @@ AS_OWNED = {("build-index", "memory_budget"): parse_memory_size}
 CLI_ONLY = {
     "ingest": {"retry_failed", "progress"},
     "tokenize": {"progress"},
-    "build-index": {"progress"},
+    "build-index": {"progress", "online"},
     "search": {"k"},
     "model init": {"preset", "seed"},
     "generate": {"n", "out", "rerank", "device"},

@@ -207,7 +207,8 @@ def demo_data_write_urls(
 
 def demo(
     workdir: Path = typer.Option(Path("runs/demo"), help="Where every stage writes; a stage whose output exists is skipped."),
-    seed: int = typer.Option(0, help="Seed of the data draws, every model's initialisation and sampling."),
+    seed: Optional[int] = typer.Option(None, help="Seed of the data draws, every model's initialisation and sampling "
+                                       "(default: DemoSize's, 0)."),
     small: bool = typer.Option(False, "--small", help="Reduced size (60 images, a few steps per stage): a smoke test."),
     fresh: bool = typer.Option(False, "--fresh", help="Delete the workdir first and start over."),
     stages: str = typer.Option("all", help="all, or ingest (download only)."),
@@ -235,7 +236,8 @@ def demo(
     if stages not in ("all", "ingest"):
         fail(f"--stages {stages!r}: expected all or ingest")
     try:
-        run_demo(workdir=workdir, size=replace(SMALL if small else DemoSize(), seed=seed), fresh=fresh,
+        size = SMALL if small else DemoSize()
+        run_demo(workdir=workdir, size=size if seed is None else replace(size, seed=seed), fresh=fresh,
                  ray_address=ray_address, stages=stages)
     except InputError as err:
         fail(str(err))
