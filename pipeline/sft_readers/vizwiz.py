@@ -24,10 +24,10 @@ def examples(sources: Sources, task: str) -> Iterator[Example]:
     for i, record in enumerate(json_items(path, "item", EXPECTED)):
         where = f"{path}: record {i}"
         ref = image_ref(record_dict(record, where), "image", where)
+        question, answer = text(record, "question", where), consensus(record, where)
         if field(record, "answerable", where) not in (0, 1):
             raise InputError(f"{where}: 'answerable' must be 0 or 1, got {record['answerable']!r}")
-        yield Example(f"{path.name}:{ref}", where, (ref,), question=text(record, "question", where),
-                      answer=consensus(record, where))
+        yield Example(f"{path.name}:{ref}", where, (ref,), question=question, answer=answer)
 
 
 FORMATS = {"vizwiz": Format(examples, ("vqa",), "a VizWiz VQA annotations JSON (train.json or val.json)")}
