@@ -359,7 +359,7 @@ def test_okvqa_questions_answered_by_the_most_common_answer(tokenizer, tmp_path)
     questions, annotations, root = okvqa_files(tmp_path)
     done, rows = converted(tokenizer, tmp_path, "okvqa", "vqa", Sources(questions, annotations), root,
                            pattern="COCO_val2014_{:012d}.jpg")
-    check_rows(tokenizer, rows, "vqa", [  # an image's questions together, in the order the images first come
+    check_rows(tokenizer, rows, "vqa", [
         ("OpenEnded_mscoco_val2014_questions.json:2971475", "What sport can you use this for?", "race",
          root / "COCO_val2014_000000297147.jpg"),
         ("OpenEnded_mscoco_val2014_questions.json:1966105", "What is the fence made of?", "metal",

@@ -16,16 +16,16 @@ ANNOTATIONS = "a VQA annotations file: an object with a list 'annotations'"
 
 
 def question_answers(sources: Sources, answer: Callable[[dict, str], str]) -> Iterator[Example]:
-    """One example per question of ``--source`` (image_id, question, question_id), answered by ``answer(annotation,
-    where)`` of its annotation in ``--annotations`` (question_id, image_id, ...); an image's questions together.
-    The image reference is the image_id."""
+    """One example per question of ``--source`` (image_id, question, question_id), in the file's order, answered by
+    ``answer(annotation, where)`` of its annotation in ``--annotations`` (question_id, image_id, ...). Only the
+    answers are kept in memory; the published files list an image's questions together, so ``task_rows`` loads
+    the image once. The image reference is the image_id."""
     questions, annotations = sources.source, sources.annotations
     answers: dict[object, tuple[object, str, str]] = {}
     for i, annotation in enumerate(json_items(annotations, "annotations.item", ANNOTATIONS)):
         where = f"{annotations}: annotations[{i}]"
         answers[field(record_dict(annotation, where), "question_id", where)] = (
             field(annotation, "image_id", where), answer(annotation, where), where)
-    by_image: dict[object, list[Example]] = {}
     for i, question in enumerate(json_items(questions, "questions.item", QUESTIONS)):
         where = f"{questions}: questions[{i}]"
         image_id = image_ref(record_dict(question, where), "image_id", where)
@@ -36,11 +36,8 @@ def question_answers(sources: Sources, answer: Callable[[dict, str], str]) -> It
         if answer_image != image_id:
             raise InputError(f"{answer_where}: image_id {answer_image!r} does not match image_id {image_id!r} "
                              f"of question_id {question_id!r} in {questions}")
-        by_image.setdefault(image_id, []).append(Example(
-            f"{questions.name}:{question_id}", where, (image_id,), question=text(question, "question", where),
-            answer=answer_text))
-    for group in by_image.values():
-        yield from group
+        yield Example(f"{questions.name}:{question_id}", where, (image_id,), question=text(question, "question", where),
+                      answer=answer_text)
 
 
 def examples(sources: Sources, task: str) -> Iterator[Example]:
