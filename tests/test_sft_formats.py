@@ -511,6 +511,11 @@ def malformed(tmp_path: Path, case: str) -> tuple[list[str], str]:
         return ["--task", "grounded_generation", "--format", "localized-narratives", "--source", str(path),
                 "--images", str(root)], \
             rf"{re.escape(str(path))}: line 1: traces\[1\]\[2\]: missing required field 't'"
+    if case == "bad pattern":
+        path, root = vizwiz_files(tmp_path)
+        return ["--task", "vqa", "--format", "vizwiz", "--source", str(path), "--images", str(root),
+                "--image-pattern", "{:012d}"], \
+            r"--image-pattern '\{:012d\}' does not apply to the image reference 'VizWiz_val_00000000\.jpg'"
     assert case == "wrong task"
     path, root = vizwiz_files(tmp_path)
     return ["--task", "captioning", "--format", "vizwiz", "--source", str(path), "--images", str(root)], \
@@ -518,7 +523,7 @@ def malformed(tmp_path: Path, case: str) -> tuple[list[str], str]:
 
 
 @pytest.mark.parametrize("case", ["not json", "missing field", "unknown split ids", "unknown problem ids",
-                                  "no annotation", "bad trace", "wrong task"])
+                                  "no annotation", "bad trace", "bad pattern", "wrong task"])
 def test_cli_malformed_files_exit_2_and_write_nothing(tokenizer_dir, tmp_path, case):
     from cm3.workflows.cli import app
 
