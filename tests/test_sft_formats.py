@@ -22,8 +22,8 @@ from cm3.pipeline.sft_readers._records import json_items
 from cm3.pipeline.sft_tasks import encode_images, layout_example
 from cm3.synthetic.shapes import render, spec_for
 from cm3.tokenizers.multimodal import MultimodalTokenizer
-from tests.conftest import cm3
-from tests.factories import captions, make_tokenizer
+from conftest import cm3
+from factories import captions, make_tokenizer
 
 TINY_VQ = dict(ch=8, ch_mult=(1, 2, 2), z_channels=16, embed_dim=16, n_embed=16, resolution=32, norm_groups=8,
                num_res_blocks=1, attn_resolutions=())
