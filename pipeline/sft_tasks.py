@@ -3,8 +3,9 @@
 CM3Leon's SFT concatenates instruction and answer into one document and trains it with the same
 CM3 objective as pretraining, so an SFT example is one more joint-id sequence. Rows keep their
 parts next to the sequence so that data can be inspected, filtered by task or laid out again
-without decoding and re-encoding images. The readers of published formats (``cm3.pipeline.sft_readers``)
-and the demo's tasks (``cm3.synthetic.sft_tasks``) turn their records into rows with ``make_row``.
+without decoding and re-encoding images. The readers of published formats (``cm3.pipeline.sft_readers``, through
+``cm3.pipeline.sft_examples``) and the demo's tasks (``cm3.synthetic.sft_tasks``) turn records into rows with
+``make_row``.
 
 Shard format: ``DIR/NNNNN.parquet`` (one row per example) and ``DIR/NNNNN_stats.json``
 (``{"count", "tasks": {task: rows}, "tokens_per_image"}``); a shard is complete once its stats
@@ -38,7 +39,7 @@ from __future__ import annotations
 
 import zlib
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from itertools import islice
 from pathlib import Path
 from typing import TypedDict, TypeVar
@@ -55,9 +56,6 @@ from cm3.core.shards import (clear_staging, commit_shard, complete_shards, new_a
                              stats_path)
 from cm3.tokenizers.layout import task_example
 from cm3.tokenizers.multimodal import MultimodalTokenizer
-
-ImageRef = str | int  # a file name, path or image id, resolved by the caller's image loader
-ImageLoader = Callable[[ImageRef], Image.Image]
 
 TEMPLATES: dict[str, tuple[str, ...]] = {
     "captioning": ("describe the image.", "write a caption for this image.", "what does this picture show?"),
@@ -155,20 +153,6 @@ def encode_images(tokenizer: MultimodalTokenizer, images: Sequence[Image.Image])
     pixels = pixels_to_tensor(np.stack([square_pixels(image, resolution) for image in images]))
     device = next(tokenizer.vq.parameters()).device
     return tokenizer.vq.encode(pixels.to(device)).reshape(len(images), -1).cpu().numpy().astype(np.int16)
-
-
-def load_images(loader: ImageLoader, refs: Sequence[tuple[ImageRef, str]]) -> list[Image.Image]:
-    """Each (ref, where) through the caller's loader; a failure names the file and record."""
-    images = []
-    for ref, where in refs:
-        try:
-            image = loader(ref)
-        except (OSError, ValueError, LookupError) as err:
-            raise InputError(f"{where}: image {ref!r} could not be loaded: {type(err).__name__}: {err}") from err
-        if not isinstance(image, Image.Image):
-            raise InputError(f"{where}: the image loader returned {type(image).__name__} for {ref!r}, not a PIL image")
-        images.append(image)
-    return images
 
 
 def box_text(name: str, box: tuple[float, float, float, float], left: float, top: float, side: float) -> str | None:

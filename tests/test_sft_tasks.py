@@ -13,11 +13,9 @@ import torch
 from PIL import Image
 
 from cm3.core.shards import TMP_DIR, complete_shards, parquet_path, read_stats, stats_path
-from cm3.pipeline.sft_readers import readers
-from cm3.pipeline.sft_readers.coco import captioning_rows, text_to_image_rows
-from cm3.pipeline.sft_readers.grounded import grounded_rows
-from cm3.pipeline.sft_readers.instructpix2pix import editing_rows
-from cm3.pipeline.sft_readers.vqa2 import vqa_rows
+from cm3.core.errors import InputError
+from cm3.pipeline.sft_examples import Example, Skips, task_rows
+from cm3.pipeline.sft_readers import DEFAULT_FORMATS, Sources, formats
 from cm3.pipeline.sft_tasks import (
     EDIT_SOURCE_PROMPTS,
     TEMPLATES,
@@ -40,6 +38,11 @@ PIX2PIX, GROUNDED = FIXTURES / "instructpix2pix.jsonl", FIXTURES / "grounded.jso
 SIZES = {"000000397133.jpg": (640, 427)}  # the loader's images are 64x48 unless named here
 
 
+@pytest.fixture(autouse=True)
+def _one_thread(torch_one_thread):
+    """Tiny VQ-GAN encodes on a shared machine: extra threads only wait for each other."""
+
+
 @pytest.fixture(scope="module")
 def tokenizer() -> MultimodalTokenizer:
     torch.manual_seed(0)
@@ -55,6 +58,13 @@ def loader(ref: str | int) -> Image.Image:
         raise FileNotFoundError(f"no such image: {ref}")
     image = render(spec_for(zlib.crc32(str(ref).encode()) % 1000), 64)
     return image.resize(SIZES.get(ref, (64, 48)))
+
+
+def rows_of(fmt: str, task: str, tokenizer: MultimodalTokenizer, source: Path, annotations: Path | None = None,
+            skips: Skips | None = None, **options) -> list[dict]:
+    """The rows of a format's reader through ``task_rows``, with this module's image loader."""
+    items = formats()[fmt].read(fmt, task, Sources(source, annotations))
+    return list(task_rows(task, items, tokenizer, loader, Skips() if skips is None else skips, **options))
 
 
 def segments(tokenizer: MultimodalTokenizer, ids: list[int]) -> list[str | np.ndarray]:
@@ -88,7 +98,7 @@ def check_common(rows: list[dict], task: str, count: int) -> None:
 
 
 def test_captioning_rows_are_image_first_with_the_caption_after_the_instruction(tokenizer):
-    rows = list(captioning_rows(COCO, tokenizer, loader, batch_size=3))
+    rows = rows_of("coco", "captioning", tokenizer, COCO, batch_size=3)
     check_common(rows, "captioning", 7)
     captions = {a["id"]: a["caption"].strip() for a in json.loads(COCO.read_text())["annotations"]}
     for row in rows:
@@ -101,7 +111,7 @@ def test_captioning_rows_are_image_first_with_the_caption_after_the_instruction(
 
 
 def test_vqa_rows_answer_with_the_consensus_answer(tokenizer):
-    rows = list(vqa_rows(QUESTIONS, ANSWERS, tokenizer, loader, batch_size=2))
+    rows = rows_of("vqa2", "vqa", tokenizer, QUESTIONS, ANSWERS, batch_size=2)
     check_common(rows, "vqa", 6)
     answers = {a["question_id"]: a["multiple_choice_answer"] for a in json.loads(ANSWERS.read_text())["annotations"]}
     questions = {q["question_id"]: q for q in json.loads(QUESTIONS.read_text())["questions"]}
@@ -114,21 +124,31 @@ def test_vqa_rows_answer_with_the_consensus_answer(tokenizer):
         assert text == f"{row['instruction']} {row['output_text']}"
 
 
-def test_text_to_image_rows_from_coco_and_from_pairs(tokenizer):
-    rows = list(text_to_image_rows(COCO, tokenizer, loader))
+def test_text_to_image_rows_from_coco_and_from_examples_that_share_an_image(tokenizer):
+    rows = rows_of("coco", "text_to_image", tokenizer, COCO)
     check_common(rows, "text_to_image", 7)
     for row in rows:
         text, image = segments(tokenizer, row["ids"])
         assert text == row["instruction"] and row["input_text"] in text
         assert np.array_equal(image, row["output_image_ids"]) and row["input_image_ids"] is None
     pairs = [("a.jpg", "a red circle"), ("b.jpg", "a blue square"), ("a.jpg", "a circle, red")]
-    rows = list(text_to_image_rows(pairs, tokenizer, loader))
-    assert [r["input_text"] for r in rows] == ["a red circle", "a circle, red", "a blue square"]
-    assert np.array_equal(rows[0]["output_image_ids"], rows[1]["output_image_ids"])
+    loaded = []
+
+    def counting_loader(ref):
+        loaded.append(ref)
+        return loader(ref)
+
+    examples = [Example(f"pair:{i}", f"pairs[{i}]", (ref,), caption=caption) for i, (ref, caption) in enumerate(pairs)]
+    rows = list(task_rows("text_to_image", examples, tokenizer, counting_loader, Skips()))
+    assert [r["input_text"] for r in rows] == ["a red circle", "a blue square", "a circle, red"]
+    assert np.array_equal(rows[0]["output_image_ids"], rows[2]["output_image_ids"]) and loaded == ["a.jpg", "b.jpg"]
+    loaded.clear()  # batches of one image: a.jpg is loaded again for the third example
+    assert len(list(task_rows("text_to_image", examples, tokenizer, counting_loader, Skips(), batch_size=1))) == 3
+    assert loaded == ["a.jpg", "b.jpg", "a.jpg"]
 
 
 def test_editing_rows_use_the_two_image_layout(tokenizer):
-    rows = list(editing_rows(PIX2PIX, tokenizer, loader, batch_size=4))
+    rows = rows_of("instructpix2pix", "image_editing", tokenizer, PIX2PIX, batch_size=4)
     check_common(rows, "image_editing", 5)
     records = [json.loads(line) for line in PIX2PIX.read_text().splitlines()]
     for row, record in zip(rows, records):
@@ -142,8 +162,10 @@ def test_editing_rows_use_the_two_image_layout(tokenizer):
 
 
 def test_grounded_rows_normalise_boxes_to_the_centre_crop(tokenizer):
-    rows = list(grounded_rows(GROUNDED, tokenizer, loader))
+    skips = Skips()
+    rows = rows_of("grounded", "grounded_generation", tokenizer, GROUNDED, skips=skips)
     assert [r["task"] for r in rows] == ["grounded_generation"] * 3  # the umbrella lies outside the crop
+    assert skips.counts == {"no_boxes": 1} and skips.first["no_boxes"].endswith("grounded.jsonl: line 3")
     # The crop is the square that ingest's resize keeps: 640x427 -> 48x32 pixels at x 8..40, i.e. x 106.75..533.75
     # of the original; 64x48 -> 43x32 at x 5..37, i.e. x 7.5..55.5.
     assert [r["input_text"] for r in rows] == [
@@ -156,22 +178,25 @@ def test_grounded_rows_normalise_boxes_to_the_centre_crop(tokenizer):
         assert text == row["instruction"] and np.array_equal(image, row["output_image_ids"])
 
 
-def test_every_task_has_templates_and_a_reader_found_in_the_readers_folder(tokenizer):
+def test_every_task_has_templates_and_a_format_found_in_the_readers_folder():
     assert tuple(TEMPLATES) == TASKS
-    found = readers()
-    assert set(TASKS) <= set(found)
-    rows = list(found["vqa"].rows(QUESTIONS, tokenizer, loader, annotations=ANSWERS))
-    assert [r["key"] for r in rows] == [r["key"] for r in vqa_rows(QUESTIONS, ANSWERS, tokenizer, loader)]
-    captions = [(r["key"], r["output_text"]) for r in found["captioning"].rows(COCO, tokenizer, loader)]
-    assert captions == [(r["key"], r["output_text"]) for r in captioning_rows(COCO, tokenizer, loader)]
-    with pytest.raises(ValueError, match="needs a second file, the VQA2 annotations JSON"):
-        found["vqa"].rows(QUESTIONS, tokenizer, loader)
+    found = formats()
+    assert set(found) >= {"coco", "vqa2", "instructpix2pix", "grounded", "flickr30k", "image-paragraph",
+                          "localized-narratives", "vizwiz", "okvqa", "scienceqa"}
+    assert set(DEFAULT_FORMATS) == set(TASKS)
+    assert all(task in found[DEFAULT_FORMATS[task]].tasks for task in TASKS)
+    with pytest.raises(InputError, match="--format vqa2 needs --annotations: the VQA2 annotations JSON"):
+        found["vqa2"].read("vqa2", "vqa", Sources(QUESTIONS))
+    with pytest.raises(InputError, match="--format coco feeds captioning, text_to_image, not --task vqa"):
+        found["coco"].read("coco", "vqa", Sources(COCO))
+    with pytest.raises(InputError, match="--format coco takes no --split"):
+        found["coco"].read("coco", "captioning", Sources(COCO, split="train"))
 
 
 def test_templates_are_a_function_of_seed_and_key(tokenizer):
-    again = [r["template"] for r in captioning_rows(COCO, tokenizer, loader)]
-    assert again == [r["template"] for r in captioning_rows(COCO, tokenizer, loader)]
-    other = [r["template"] for r in captioning_rows(COCO, tokenizer, loader, seed=1)]
+    again = [r["template"] for r in rows_of("coco", "captioning", tokenizer, COCO)]
+    assert again == [r["template"] for r in rows_of("coco", "captioning", tokenizer, COCO)]
+    other = [r["template"] for r in rows_of("coco", "captioning", tokenizer, COCO, seed=1)]
     assert other != again
 
 
@@ -186,7 +211,7 @@ def edited(path: Path, source: Path, change) -> Path:
     ("missing file", r"nope\.json: no such file"),
     ("missing caption", r"coco\.json: annotations\[2\]: missing required text field 'caption'"),
     ("unknown image id", r"coco\.json: annotations\[0\]: image_id 42 is not in the file's images"),
-    ("missing image", r"coco\.json: images\[0\]: image 'missing\.jpg' could not be loaded: FileNotFoundError"),
+    ("no annotations", r"coco\.json: expected a COCO captions file: an object with lists 'images' and 'annotations'"),
 ])
 def test_bad_coco_input_names_file_and_record(tokenizer, tmp_path, case, message):
     def change(data):
@@ -194,12 +219,24 @@ def test_bad_coco_input_names_file_and_record(tokenizer, tmp_path, case, message
             del data["annotations"][2]["caption"]
         elif case == "unknown image id":
             data["annotations"][0]["image_id"] = 42
-        elif case == "missing image":
-            data["images"][0]["file_name"] = "missing.jpg"
+        elif case == "no annotations":
+            del data["annotations"]
 
     path = tmp_path / "nope.json" if case == "missing file" else edited(tmp_path / "coco.json", COCO, change)
-    with pytest.raises(ValueError, match=message):
-        list(captioning_rows(path, tokenizer, loader))
+    with pytest.raises(InputError, match=message):
+        rows_of("coco", "captioning", tokenizer, path)
+
+
+def test_coco_records_with_a_missing_image_or_an_empty_caption_are_skipped_and_counted(tokenizer, tmp_path):
+    def change(data):
+        data["images"][0]["file_name"] = "missing.jpg"  # two captions
+        data["annotations"][4]["caption"] = "  "
+
+    skips = Skips()
+    rows = rows_of("coco", "captioning", tokenizer, edited(tmp_path / "coco.json", COCO, change), skips=skips)
+    assert len(rows) == 4 and skips.counts == {"missing_image": 2, "empty_text": 1}
+    assert skips.first == {"missing_image": f"{tmp_path / 'coco.json'}: annotations[0]: image 'missing.jpg'",
+                           "empty_text": f"{tmp_path / 'coco.json'}: annotations[4]"}
 
 
 def test_bad_vqa_and_record_input_names_file_and_record(tokenizer, tmp_path):
@@ -215,20 +252,20 @@ def test_bad_vqa_and_record_input_names_file_and_record(tokenizer, tmp_path):
     ]:
         answers = edited(tmp_path / "answers.json", ANSWERS, change)
         with pytest.raises(ValueError, match=message):
-            list(vqa_rows(QUESTIONS, answers, tokenizer, loader))
+            rows_of("vqa2", "vqa", tokenizer, QUESTIONS, answers)
 
     bad_edit = tmp_path / "edits.jsonl"
     bad_edit.write_text(PIX2PIX.read_text() + '{"input_image": "x.jpg", "edited_image": "y.jpg"}\n')
     with pytest.raises(ValueError, match=r"edits\.jsonl: line 6: missing required text field 'edit_prompt' or 'edit'"):
-        list(editing_rows(bad_edit, tokenizer, loader))
+        rows_of("instructpix2pix", "image_editing", tokenizer, bad_edit)
     bad_box = tmp_path / "boxes.jsonl"
     bad_box.write_text('{"image": "a.jpg", "objects": [{"name": "cat", "bbox": [1, 2, 0, 4]}]}\n')
     with pytest.raises(ValueError, match=r"boxes\.jsonl: line 1: objects\[0\]: 'bbox' must be \[x, y, w, h\]"):
-        list(grounded_rows(bad_box, tokenizer, loader))
+        rows_of("grounded", "grounded_generation", tokenizer, bad_box)
 
 
 def test_layout_rejects_an_unknown_task_and_a_wrong_sized_image(tokenizer):
-    row = next(captioning_rows(COCO, tokenizer, loader))
+    row = rows_of("coco", "captioning", tokenizer, COCO)[0]
     with pytest.raises(ValueError, match="unknown task"):
         layout_example(tokenizer, {**row, "task": "dreaming"})
     with pytest.raises(ValueError, match="input_image_ids must hold 64 codes"):

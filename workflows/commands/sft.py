@@ -11,50 +11,62 @@ from cm3.workflows.commands.common import fail
 
 
 def sft_convert(
-    task: str = typer.Option(..., help="The reader of the source's format: captioning or text_to_image (COCO captions), "
-                                       "vqa (VQA2), image_editing (InstructPix2Pix), grounded_generation, or any other "
-                                       "module of cm3/pipeline/sft_readers/."),
-    source: Path = typer.Option(..., help="COCO captions JSON, VQA2 questions JSON, InstructPix2Pix JSONL or grounded records."),
-    images: Path = typer.Option(..., help="Folder the records' image names (or ids) are resolved in."),
+    task: str = typer.Option(..., help="The task the rows are for: captioning, text_to_image, vqa, image_editing or "
+                                       "grounded_generation."),
+    source: Path = typer.Option(..., help="The data set's file: see --format and docs/datasets.md."),
+    images: Path = typer.Option(..., help="Folder the records' image names (or ids) are found in; names that leave "
+                                          "it are skipped, never opened."),
     tokenizer: Path = typer.Option(..., help="Tokenizer folder (cm3 tokenizer build)."),
     out: Path = typer.Option(..., help="Folder for the task shards."),
-    annotations: Optional[Path] = typer.Option(None, help="VQA2 annotations JSON (vqa only)."),
-    image_pattern: str = typer.Option("{}", help="How an image id or name becomes a file name, e.g. COCO_val2014_{:012d}.jpg."),
+    fmt: Optional[str] = typer.Option(
+        None, "--format", help="The source's published format: coco, vqa2, instructpix2pix, grounded, flickr30k, "
+                               "image-paragraph, localized-narratives, vizwiz, okvqa, scienceqa (any module of "
+                               "cm3/pipeline/sft_readers/). Default: the task's first reader (coco, vqa2, "
+                               "instructpix2pix, grounded)."),
+    annotations: Optional[Path] = typer.Option(None, help="The annotations JSON of vqa2 and okvqa."),
+    splits: Optional[Path] = typer.Option(None, help="A split file: image-paragraph's train_split.json (etc.) or "
+                                                     "ScienceQA's pid_splits.json."),
+    split: Optional[str] = typer.Option(None, help="A split's name: flickr30k's Karpathy split or a ScienceQA split."),
+    image_pattern: str = typer.Option("{}", help="How an image id or name becomes a file name, e.g. "
+                                                 "COCO_val2014_{:012d}.jpg."),
     shard_rows: int = typer.Option(10_000, min=1, help="Rows per task shard."),
     seed: int = typer.Option(0, help="Seed of the instruction-template choice."),
 ) -> None:
     """Convert a public data set's files into SFT task shards (instruction templates, the paper's layouts).
+
+    The files are checked whole before anything is written (a malformed file: exit 2, no output); records whose
+    image is missing, unreadable or outside --images, or whose text is empty, are skipped and counted by reason.
 
     Examples:
 
       cm3 sft convert --task captioning --source captions_train2017.json --images coco/train2017 --tokenizer tok/ --out sft/coco
 
       cm3 sft convert --task vqa --source v2_Questions.json --annotations v2_Annotations.json --images coco/val2014 --image-pattern COCO_val2014_{:012d}.jpg --tokenizer tok/ --out sft/vqa
-    """
-    from PIL import Image
 
-    from cm3.pipeline.sft_readers import readers
-    from cm3.pipeline.sft_tasks import write_task_shards
+      cm3 sft convert --task captioning --format flickr30k --source dataset_flickr30k.json --split train --images flickr30k-images --tokenizer tok/ --out sft/flickr30k
+
+      cm3 sft convert --task vqa --format scienceqa --source problems.json --splits pid_splits.json --split train --images ScienceQA/data/scienceqa/images --tokenizer tok/ --out sft/scienceqa
+    """
+    from cm3.pipeline.image_folder import ImageFolder
+    from cm3.pipeline.sft_convert import convert
+    from cm3.pipeline.sft_readers import DEFAULT_FORMATS, Sources, formats
     from cm3.tokenizers.multimodal import MultimodalTokenizer
 
-    known = readers()
-    if task not in known:
-        fail(f"--task {task!r}: expected one of {', '.join(known)}")
-    reader = known[task]
-    if reader.annotations is not None and annotations is None:
-        fail(f"--task {task} needs --annotations ({reader.annotations})")
-
-    def load(ref) -> Image.Image:
-        with Image.open(images / image_pattern.format(ref)) as image:
-            return image.copy()  # as read: cm3.core.images crops, resizes and mattes it as ingest does
-
+    known = formats()
+    name = fmt or DEFAULT_FORMATS.get(task)
+    if name is None:
+        fail(f"--task {task!r}: expected one of {', '.join(DEFAULT_FORMATS)}")
+    if name not in known:
+        fail(f"--format {name!r}: expected one of {', '.join(known)}")
+    if not images.is_dir():
+        fail(f"--images {images}: no such folder")
     try:
         multimodal = MultimodalTokenizer.load(tokenizer)
-        rows = reader.rows(source, multimodal, load, seed, annotations)
-        written = write_task_shards(rows, out, multimodal.tokens_per_image, shard_rows)
+        done = convert(name, known[name], task, Sources(source, annotations, splits, split),
+                       ImageFolder(images, image_pattern), multimodal, out, shard_rows, seed)
     except (ValueError, FileNotFoundError) as err:
         fail(str(err))
-    typer.echo(f"{out}: {len(written)} task shard(s) written")
+    typer.echo(f"{out}: {len(done.written)} task shard(s) written, {done.rows} {task} rows; {done.skips.summary()}")
 
 
 def sft_demo(
