@@ -15,6 +15,8 @@ import urllib.request
 from conftest import BIN, RAY_ENV, cm3
 from PIL import Image
 
+from cm3.tokenizers.vqgan import VQGANConfig
+
 REPORT_PICTURES = ["generations.png", "captions.png", "vq_reconstructions.png", "retrieval_examples.png",
                    "loss_pretrain.png", "loss_sft.png"]
 
@@ -85,7 +87,8 @@ def test_demo_end_to_end_at_reduced_size(tmp_path):
     # from the uniform ln(vocab), and the tuned decoder scores the true image codes better than uniform
     assert metrics["ingest"]["urls"] == 60 and metrics["ingest"]["success_rate"] == 1.0
     assert metrics["ingest"]["checker_colour_agreement"] == metrics["ingest"]["checker_shape_agreement"] == 1.0
-    vocab_nats = math.log(size["vocab_size"] + 1000)  # BPE plus the demo VQ's 1,000 codes (plus a few specials)
+    # BPE plus the demo VQ's codes (plus a few specials)
+    vocab_nats = math.log(size["vocab_size"] + VQGANConfig.preset("demo").n_embed)
     assert all(metrics["training"][stage]["final_loss"] < vocab_nats for stage in ("pretrain", "sft"))
     for figures in metrics["diagnostics"]["image_nll_given_caption"].values():
         assert set(figures) == {"training_images", "training_pairs_new_images", "held_out_pairs"}
