@@ -108,8 +108,12 @@ class NumpyRows:
 
 
 def _offsets_and_values(array: pa.Array):
-    offsets = array.offsets.to_numpy()
-    values = array.values
+    if pa.types.is_fixed_size_list(array.type):  # e.g. an image's codes when every image has as many
+        offsets = np.arange(len(array) + 1, dtype=np.int64) * array.type.list_size
+        values = array.flatten()
+    else:
+        offsets = array.offsets.to_numpy()
+        values = array.values
     if pa.types.is_list(values.type) or pa.types.is_large_list(values.type):
         return offsets, (values.offsets.to_numpy(), values.values.to_numpy(zero_copy_only=False))
     return offsets, values.to_numpy(zero_copy_only=False)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -31,6 +31,7 @@ from cm3.pipeline.summary import format_summary
 from cm3.pipeline.url_list import open_url_list
 from cm3.synthetic.checker import read_attributes
 from cm3.synthetic.server import DemoDataServer, write_url_list
+from cm3.tokenizers.training_options import ClipTrainOptions, demo_training_options
 from cm3.workflows.ray_session import connect
 from cm3.workflows.report import image_grid
 from PIL import Image
@@ -39,8 +40,7 @@ DONE = ".done"
 RUN_CONFIG = "demo_config.json"  # the DemoSize a work folder was made with; another size is refused
 DEMO_SHARD_ROWS = 250
 GRID_PROMPTS = 8  # prompts per half of the report's picture (seen pairs left, held-out pairs right)
-DATA_PURPOSES = {"train": 0, "sft": 1, "new": 2}
-DEMO_VQ_BATCH, DEMO_VQ_LR = 8, 1e-3  # the demo VQ-GAN's batch and peak learning rate (docs/demo.md)  # the images of each purpose come from their own seed
+DATA_PURPOSES = {"train": 0, "sft": 1, "new": 2}  # the images of each purpose come from their own seed
 
 
 @dataclass(frozen=True)
@@ -154,7 +154,6 @@ def tokenizer_stage(workdir: Path, raw: Path, size: DemoSize) -> Path:
     """VQ-GAN (demo preset), BPE, and both joined into one tokenizer artefact."""
     from cm3.tokenizers.multimodal import MultimodalTokenizer
     from cm3.tokenizers.text import train_from_shards
-    from cm3.tokenizers.training_options import demo_training_options
     from cm3.tokenizers.vq_training import train_vqgan
     from cm3.tokenizers.vqgan import VQGAN, VQGANConfig
 
@@ -163,8 +162,8 @@ def tokenizer_stage(workdir: Path, raw: Path, size: DemoSize) -> Path:
         print(f"[tokenizer] done already: {folder}", flush=True)
         return folder
     print(f"[tokenizer] training the VQ-GAN (demo preset, {size.vq_steps} steps)", flush=True)
-    report = train_vqgan(raw, workdir / "vq", VQGANConfig.preset("demo"), steps=size.vq_steps, seed=size.seed,
-                         batch_size=DEMO_VQ_BATCH, lr=DEMO_VQ_LR, options=demo_training_options())
+    report = train_vqgan(raw, workdir / "vq", VQGANConfig.preset("demo"), seed=size.seed,
+                         options=replace(demo_training_options(), steps=size.vq_steps))
     print(f"[tokenizer] VQ-GAN held-out PSNR {report['heldout_psnr_db']:.2f} dB after {report['steps']} steps",
           flush=True)
     text = train_from_shards(raw, size.vocab_size)
@@ -178,7 +177,6 @@ def start_clip_stage(workdir: Path, raw: Path, size: DemoSize):
     """Start training the demo CLIP as a one-CPU Ray task (it runs beside the VQ-GAN); None if done."""
     import ray
     from cm3.tokenizers.clip_training import train_clip
-    from cm3.tokenizers.training_options import ClipTrainOptions
 
     folder = workdir / "clip"
     if _done(folder):
@@ -509,10 +507,11 @@ def run_demo(workdir: Path, size: DemoSize = DemoSize(), fresh: bool = False, ra
     if stages != "ingest":
         pending_clip = start_clip_stage(workdir, raw, size)
         tokenizer = tokenizer_stage(workdir, raw, size)
+        vq_options = demo_training_options()
         metrics["tokenizer"] = {**_info(tokenizer)["vq"], "preset": "demo (8x8 = 64 tokens per image)",
                                 "command": f"cm3 tokenizer train-vq --data {raw} --out {workdir / 'vq'} --preset demo"
-                                           f" --steps {size.vq_steps} --batch-size {DEMO_VQ_BATCH} --lr {DEMO_VQ_LR}"
-                                           " --threads 1"}
+                                           f" --steps {size.vq_steps} --batch-size {vq_options.batch_size}"
+                                           f" --lr {vq_options.lr} --threads 1"}
         clip = finish_clip_stage(workdir, pending_clip)
         tokens = tokenize_stage(workdir, raw, tokenizer, clip)
         index, augmented = index_stage(workdir, tokens)
