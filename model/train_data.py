@@ -108,15 +108,23 @@ class NumpyRows:
 
 
 def _offsets_and_values(array: pa.Array):
-    if pa.types.is_fixed_size_list(array.type):  # e.g. an image's codes when every image has as many
-        offsets = np.arange(len(array) + 1, dtype=np.int64) * array.type.list_size
-        values = array.flatten()
-    else:
-        offsets = array.offsets.to_numpy()
-        values = array.values
-    if pa.types.is_list(values.type) or pa.types.is_large_list(values.type):
-        return offsets, (values.offsets.to_numpy(), values.values.to_numpy(zero_copy_only=False))
+    offsets, values = _list_parts(array)
+    if _is_list(values.type):
+        inner_offsets, inner_values = _list_parts(values)
+        return offsets, (inner_offsets, inner_values.to_numpy(zero_copy_only=False))
     return offsets, values.to_numpy(zero_copy_only=False)
+
+
+def _is_list(kind: pa.DataType) -> bool:
+    return pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind)
+
+
+def _list_parts(array: pa.Array) -> tuple[np.ndarray, pa.Array]:
+    """(offsets, values) of a list array; a fixed-size list (e.g. an image's codes, as many for every image)
+    has implicit offsets."""
+    if pa.types.is_fixed_size_list(array.type):
+        return np.arange(len(array) + 1, dtype=np.int64) * array.type.list_size, array.flatten()
+    return array.offsets.to_numpy(), array.values
 
 
 @dataclass(frozen=True)

@@ -102,7 +102,9 @@ def test_numpy_rows_equal_pyarrows_lists(tmp_path):
 def test_numpy_rows_read_fixed_size_list_columns():
     """Shards may store an image's codes as a fixed-size list (every image has as many tokens)."""
     codes = pa.array([[1, 2, 3], [4, 5, 6], [7, 8, 9], [10, 11, 12]], pa.list_(pa.int32(), 3))
-    table = pa.table({"image_ids": codes, "text_ids": pa.array([[1], [2, 3], [], [4]])}).slice(1, 3)
+    neighbours = pa.array([[[1, 1, 1]], [[2, 2, 2], [3, 3, 3]], [], [[4, 4, 4]]], pa.list_(pa.list_(pa.int32(), 3)))
+    table = pa.table({"image_ids": codes, "neighbour_image_ids": neighbours,
+                      "text_ids": pa.array([[1], [2, 3], [], [4]])}).slice(1, 3)
     rows = NumpyRows(pa.concat_tables([table.slice(0, 1), table.slice(1)]))  # chunked and sliced
     assert [plain(rows[i]) for i in range(rows.num_rows)] == table.to_pylist()
 
