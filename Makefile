@@ -13,12 +13,12 @@ PYTEST_ARGS ?=
 install: $(STAMP)
 
 # torch first, pinned to the build that lies on this kind of machine's disk (see DEVELOPERS.md);
-# then the project and its test tools with every version fixed by constraints.txt.
+# then the project, its evaluation extra and its test tools with every version fixed by constraints.txt.
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet pip==26.3
 	$(PY) -m pip install --quiet torch==2.14.1 torchvision==0.29.1
-	$(PY) -m pip install --quiet -c constraints.txt -e '.[test]'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[eval,test]'
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -101,3 +101,18 @@ def write_sft_shards(folder: Path, vocab, rows: int = 64) -> Path:
         records.append({"ids": [vocab.eod, *instruction, vocab.break_, *answer, vocab.eod]})
     pq.write_table(pa.Table.from_pylist(records), folder / "00000.parquet")
     return folder
+
+
+def save_random_inception(path: Path) -> Path:
+    """A randomly initialised network of the FID Inception's shape (torchvision's Inception v3 layout with the 1008
+    classes of the TensorFlow graph), saved as a state dict as torch-fidelity's weights file is; He-initialised so
+    its activations neither vanish nor explode through the 94 layers."""
+    import torchvision
+
+    torch.manual_seed(0)
+    network = torchvision.models.inception_v3(weights=None, aux_logits=False, num_classes=1008, init_weights=False)
+    for module in network.modules():
+        if isinstance(module, torch.nn.Conv2d):
+            torch.nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+    torch.save(network.state_dict(), path)
+    return path

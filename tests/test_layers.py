@@ -10,7 +10,7 @@ from pathlib import Path
 
 from conftest import REPO
 
-LAYERS = ["core", "tokenizers", "pipeline", "synthetic", "index", "model", "workflows"]  # lowest first
+LAYERS = ["core", "tokenizers", "pipeline", "synthetic", "index", "model", "evaluation", "workflows"]  # lowest first
 NOT_INSTALLED = {"tests", "benchmarks"}  # top-level folders with Python files that are not sub-packages of cm3
 
 
