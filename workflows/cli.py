@@ -11,6 +11,7 @@ import sys
 import typer
 
 from cm3.workflows.commands.data import ingest, tokenize, demo_data_serve, demo_data_write_urls, demo
+from cm3.workflows.commands.evaluate import eval_caption, eval_text_to_image, eval_vqa
 from cm3.workflows.commands.index import build_index_command, search
 from cm3.workflows.commands.model import model_init, generate, caption
 from cm3.workflows.commands.sft import sft_convert, sft_demo
@@ -34,6 +35,9 @@ sft_app = typer.Typer(help="Build instruction-tuning (SFT) task shards.", no_arg
 app.add_typer(sft_app, name="sft")
 model_app = typer.Typer(help="Create and inspect CM3 decoder checkpoints.", no_args_is_help=True)
 app.add_typer(model_app, name="model")
+eval_app = typer.Typer(help="Score a checkpoint on your data: FID, FD-CLIP, CLIP score, CIDEr, BLEU-4, VQA accuracy.",
+                       no_args_is_help=True)
+app.add_typer(eval_app, name="eval")
 
 app.command()(ingest)
 sft_app.command("convert")(sft_convert)
@@ -52,6 +56,9 @@ demo_data_app.command("serve")(demo_data_serve)
 demo_data_app.command("write-urls")(demo_data_write_urls)
 app.command()(demo)
 app.command("train")(train_command)
+eval_app.command("text-to-image")(eval_text_to_image)
+eval_app.command("caption")(eval_caption)
+eval_app.command("vqa")(eval_vqa)
 
 
 def main() -> None:
