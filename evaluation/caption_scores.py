@@ -47,6 +47,8 @@ def _split_word(token: str) -> list[str]:
         return _split_word(head) + ["--"] + _split_word(tail)
     if len(token) > 1 and token[-1] in "-/>:":
         return _split_word(token[:-1]) + [token[-1]]
+    if len(token) > 3 and token.endswith("..."):
+        return _split_word(token[:-3]) + ["..."]
     if len(token) > 1 and token[0] in ".:" and token[1].isalpha():
         return [token[0]] + _split_word(token[1:])
     if len(token) > 1 and token.endswith("."):
@@ -66,11 +68,13 @@ def _split_word(token: str) -> list[str]:
 
 def ptb_tokenize(text: str) -> list[str]:
     """The Java PTBTokenizer's lower-case tokens of one caption (punctuation included)."""
-    chunks = _TOKEN.findall(text)
+    chunks = list(_TOKEN.finditer(text))
     tokens: list[str] = []
-    for i, chunk in enumerate(chunks):
-        chunk = chunk.lower()
-        if i + 1 == len(chunks) and len(chunk) == 2 and chunk[0].isalpha() and chunk[1] == ".":
+    for i, match in enumerate(chunks):
+        chunk, before = match.group().lower(), text[match.start() - 1:match.start()]
+        if chunk == '"' and (not before or before.isspace() or before in "([{"):
+            tokens.append("``")  # an opening double quote
+        elif i + 1 == len(chunks) and len(chunk) == 2 and chunk[0].isalpha() and chunk[1] == ".":
             tokens += [chunk[0], "."]  # a letter and a full stop that end the caption are no initial
         else:
             tokens += _split_word(chunk)

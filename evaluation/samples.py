@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from cm3.core.files import read_json, write_json
+from cm3.core.files import write_json
 from cm3.core.images import decode, rgb_pixels, to_pil
 from cm3.core.shards import clear_staging, commit_shard, complete_shards, new_attempt_dir, parquet_path, stats_path
 from cm3.model.decoder import CM3
@@ -81,7 +81,8 @@ def generate_samples(folder: Path, model: CM3, tokenizer: MultimodalTokenizer, p
     for shard, start in enumerate(range(0, len(prompts), prompts_per_shard)):
         chunk = prompts[start:start + prompts_per_shard]
         if shard in done:
-            progress and progress.update(len(chunk) * samples)
+            if progress is not None:
+                progress.update(len(chunk) * samples)
             continue
         ids = []
         for prompt in chunk:
@@ -101,7 +102,8 @@ def generate_samples(folder: Path, model: CM3, tokenizer: MultimodalTokenizer, p
         pq.write_table(table, attempt / parquet_path(folder, shard).name)
         write_json(attempt / stats_path(folder, shard).name, {"count": len(pngs), "prompts": [start, start + len(chunk)]})
         commit_shard(attempt, folder, shard)
-        progress and progress.update(len(pngs))
+        if progress is not None:
+            progress.update(len(pngs))
 
 
 @dataclass
@@ -119,10 +121,6 @@ def read_samples(folder: Path) -> Iterator[SampleShard]:
         table = pq.read_table(parquet_path(folder, shard))
         yield SampleShard(table["prompt_index"].to_pylist(), table["sample"].to_pylist(), table["prompt"].to_pylist(),
                           [rgb_pixels(decode(png)) for png in table["png"].to_pylist()])
-
-
-def generated_count(folder: Path) -> int:
-    return sum(read_json(stats_path(folder, shard))["count"] for shard in complete_shards(folder))
 
 
 def identity(checkpoint: Path, prompts: Sequence[str], setting: Setting, sampling: SamplingConfig, samples: int,

@@ -128,16 +128,17 @@ class ReferenceImages:
             digest.update(f"{entry}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
         return digest.hexdigest()[:16]
 
-    def batches(self, size: int, batch_size: int) -> Iterator[torch.Tensor]:
-        """uint8 [B, 3, size, size] batches of every reference image, centre-cropped and resized as ingest does."""
+    def batches(self, size: int, batch_size: int) -> Iterator[list[np.ndarray]]:
+        """Every reference image as uint8 [size, size, 3] pixels, centre-cropped and resized as ingest does, in
+        lists of ``batch_size``."""
         if self.files:
             for start in range(0, len(self.files), batch_size):
-                yield as_batch([_pixels_from_file(p, size) for p in self.files[start:start + batch_size]])
+                yield [_pixels_from_file(p, size) for p in self.files[start:start + batch_size]]
             return
         for table in _raw_shard_rows(self.path, ["key"]):
             for batch in table.to_batches(batch_size):
                 keys, jpgs = batch.column("key").to_pylist(), batch.column("jpg").to_pylist()
-                yield as_batch([_pixels_from_bytes(j, size, f"{self.path}: key {k}") for k, j in zip(keys, jpgs)])
+                yield [_pixels_from_bytes(j, size, f"{self.path}: key {k}") for k, j in zip(keys, jpgs)]
 
 
 class NamedImages:

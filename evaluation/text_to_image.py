@@ -130,9 +130,8 @@ class Scorers:
         if missing:
             features: dict[str, list[np.ndarray]] = {name: [] for name in missing}
             batches = references.batches(size, self.options.batch_size)
-            for batch in tqdm(batches, total=-(-references.count // self.options.batch_size), desc="references",
-                              unit="batch"):
-                pixels = list(batch.permute(0, 2, 3, 1).numpy())
+            for pixels in tqdm(batches, total=-(-references.count // self.options.batch_size), desc="references",
+                               unit="batch"):
                 if "fid" in features:
                     features["fid"].append(self.inception_features(pixels))
                 if "fd_clip" in features:

@@ -49,29 +49,30 @@ def text_to_image(world: dict, out: Path, *extra: str, **kwargs):
 
 def test_text_to_image_reports_each_ablation_row_and_reuses_the_kept_samples(world, tmp_path):
     out = tmp_path / "run"
-    text_to_image(world, out, "--samples", "2", "--rerank", "--guidance", "1,3", "--method", "top_p", check=True)
+    first = ["--samples", "2", "--rerank", "--batch-size", "4"]  # 2 prompts (4 images) per shard: 2 shards
+    text_to_image(world, out, *first, check=True)
     metrics = json.loads((out / "metrics.json").read_text())
-    rows = metrics["rows"]
-    assert [(r["guidance"], r["method"], r["retrieved"]) for r in rows] == [(1.0, "top_p", 0), (3.0, "top_p", 0)]
-    for row in rows:
-        assert row["fid"]["samples"] == row["fd_clip"]["samples"] == row["clip_score"]["samples"] == 3  # 1 of 2 kept
-        assert row["fid"]["references"] == row["fd_clip"]["references"] == 4
-        assert row["fid"]["value"] > 0 and 0 <= row["clip_score"]["value"] <= 100
+    [row] = metrics["rows"]
+    assert (row["setting"], row["retrieved"], row["guidance"], row["method"]) == ("k0-g3-top_p", 0, 3.0, "top_p")
+    assert row["fid"]["samples"] == row["fd_clip"]["samples"] == row["clip_score"]["samples"] == 3  # 1 of 2 kept
+    assert row["fid"]["references"] == row["fd_clip"]["references"] == 4
+    assert row["fid"]["value"] > 0 and row["fd_clip"]["value"] > 0 and 0 <= row["clip_score"]["value"] <= 100
     assert metrics["run"]["samples_per_prompt"] == 2 and metrics["run"]["seed"] == 0
     report = (out / "report.md").read_text()
     assert "| retrieved | guidance | method | FID | FD-CLIP | CLIP score | samples |" in report
-    links = [line.split("](")[1].split(")")[0] for line in report.splitlines() if "![](" in line
-             for line in line.split("|") if "![](" in line]
-    assert len(links) == 6 and all((out / link).is_file() for link in links)
-
+    links = [cell.split("](")[1].rstrip(")") for line in report.splitlines() for cell in line.split(" | ")
+             if cell.startswith("![](")]
+    assert len(links) == 3 and all((out / link).is_file() for link in links)
     shards = sorted((out / "samples").rglob("*.parquet"))
-    assert len(shards) == 2 and sum(pq.read_metadata(s).num_rows for s in shards) == 2 * 3 * 2
+    assert [pq.read_metadata(s).num_rows for s in shards] == [4, 2]
     stamps = [s.stat().st_mtime_ns for s in shards]
-    again = text_to_image(world, out, "--samples", "2", "--rerank", "--guidance", "1,3", "--metrics", "clip_score",
-                          check=True)
-    assert [s.stat().st_mtime_ns for s in shards] == stamps and "k0-g1-top_p" in again.stdout
-    rerun = json.loads((out / "metrics.json").read_text())["rows"]
-    assert [r["clip_score"] for r in rerun] == [r["clip_score"] for r in rows] and "fid" not in rerun[0]
+
+    again = text_to_image(world, out, *first, "--guidance", "1,3", "--metrics", "clip_score", check=True)
+    rows = json.loads((out / "metrics.json").read_text())["rows"]
+    assert [r["setting"] for r in rows] == ["k0-g1-top_p", "k0-g3-top_p"] and "k0-g1-top_p: clip_score" in again.stdout
+    assert rows[1]["clip_score"] == row["clip_score"] and "fid" not in rows[1]  # the same images, scored again
+    assert [s.stat().st_mtime_ns for s in shards] == stamps
+    assert len(list((out / "samples").rglob("*.parquet"))) == 4
 
 
 def test_text_to_image_fails_clearly_before_generating(world, tmp_path):
