@@ -103,7 +103,7 @@ class Scorers:
         if "fid" in options.metrics:
             self.inception_weights = resolve_weights(options.inception)
             self.inception = load_inception(self.inception_weights, options.device)
-        if options.clip:
+        if {"fd_clip", "clip_score"} & set(options.metrics) or options.rerank:
             from cm3.tokenizers.clip_embedder import ClipEmbedder
 
             self.clip = ClipEmbedder(options.clip["model_name"], options.clip["pretrained"], device=options.device,
