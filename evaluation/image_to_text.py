@@ -52,7 +52,8 @@ class ImageToTextOptions:
 def answers(options: ImageToTextOptions, names: Sequence[str], texts: Sequence[str], desc: str) -> list[str]:
     """The model's greedy answer for each (image name, text after the image), kept in ``predictions.json``."""
     from cm3.model.checkpoint import load_checkpoint
-    from cm3.model.generation import SamplingConfig, generate_text
+    from cm3.model.generation import generate_text
+    from cm3.model.sampling_options import SamplingConfig
 
     images = NamedImages(options.images)
     stamp = {"checkpoint": str(Path(options.checkpoint).resolve()),

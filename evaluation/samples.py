@@ -29,7 +29,8 @@ from cm3.core.files import write_json
 from cm3.core.images import decode, rgb_pixels, to_pil
 from cm3.core.shards import clear_staging, commit_shard, complete_shards, new_attempt_dir, parquet_path, stats_path
 from cm3.model.decoder import CM3
-from cm3.model.generation import SamplingConfig, generate_image_tokens, image_prompt
+from cm3.model.generation import generate_image_tokens, image_prompt
+from cm3.model.sampling_options import SamplingConfig
 from cm3.tokenizers.multimodal import MultimodalTokenizer
 
 SETTINGS_FILE = "generation.json"

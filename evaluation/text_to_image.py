@@ -29,7 +29,7 @@ from cm3.evaluation.clip_scores import pair_scores
 from cm3.evaluation.frechet import FeatureStatistics, frechet_distance, statistics
 from cm3.evaluation.samples import MIX, Setting, generate_samples, identity, read_samples, sample_folder
 from cm3.evaluation.sources import ReferenceImages, as_batch, read_prompts
-from cm3.model.generation import METHODS, SamplingConfig
+from cm3.model.sampling_options import METHODS, SamplingConfig
 
 METRICS = ("fid", "fd_clip", "clip_score")
 SAMPLE_METHODS = (*METHODS, MIX)
