@@ -23,8 +23,9 @@ import numpy as np
 import torch
 from numpy.typing import ArrayLike
 
+from cm3.tokenizers.chameleon import KIND as CHAMELEON, ChameleonVocabulary
 from cm3.tokenizers.text import PathLike, TextTokenizer, train_from_shards
-from cm3.tokenizers.vocabulary import Order, Vocabulary, decode_document, encode_document
+from cm3.tokenizers.vocabulary import Order, Vocabulary, decode_document
 from cm3.tokenizers.vqgan import VQGAN
 
 FORMAT_VERSION = 1
@@ -34,9 +35,10 @@ VOCAB_FILE = "vocabulary.json"
 
 
 class MultimodalTokenizer:
-    """Text and images in, joint-space ids out, and back."""
+    """Text and images in, joint-space ids out, and back. The vocabulary is cm3's own layout (`Vocabulary`) or a
+    converted Chameleon checkpoint's (`ChameleonVocabulary`, whose BPE ids are its joint ids)."""
 
-    def __init__(self, text: TextTokenizer, vq: VQGAN, vocab: Vocabulary | None = None):
+    def __init__(self, text: TextTokenizer, vq: VQGAN, vocab: Vocabulary | ChameleonVocabulary | None = None):
         self.text = text
         self.vq = vq
         self.vocab = vocab or Vocabulary(text_vocab_size=text.vocab_size, image_vocab_size=vq.config.n_embed)
@@ -70,7 +72,8 @@ class MultimodalTokenizer:
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         """Images float [B, 3, H, W] in [-1, 1] -> joint ids LongTensor [B, N] (on the VQ-GAN's device)."""
-        return self.vq.encode(images).flatten(1) + self.vocab.image_offset
+        codes = self.vq.encode(images).flatten(1)
+        return torch.from_numpy(self.vocab.image_ids(codes.cpu().numpy())).to(codes.device)
 
     def decode_image(self, ids: torch.Tensor | ArrayLike) -> torch.Tensor:
         """Joint image ids [B, N] -> images float [B, 3, H, W] in [-1, 1]."""
@@ -89,7 +92,7 @@ class MultimodalTokenizer:
             image_codes = _numpy(image_codes)
             if image_codes.size != self.tokens_per_image:
                 raise ValueError(f"an image is {self.tokens_per_image} codes, got {image_codes.size}")
-        return encode_document(self.vocab, self.encode_caption(caption or ""), image_codes, order)
+        return self.vocab.document(self.encode_caption(caption or ""), image_codes, order)
 
     def parse(self, ids: ArrayLike) -> tuple[str, np.ndarray | None, Order | None]:
         """Inverse of `document`: (caption, codes [h, w] or None, order or None for one modality)."""
@@ -128,11 +131,15 @@ class MultimodalTokenizer:
         if meta.get("format_version") != FORMAT_VERSION:
             raise ValueError(f"{vocab_path}: format_version {meta.get('format_version')!r} is not "
                              f"{FORMAT_VERSION}, the one this code reads")
+        text = TextTokenizer.from_file(root / TEXT_FILE)
+        data = meta.get("vocabulary")
         try:
-            vocab = Vocabulary.from_dict(meta.get("vocabulary"))
+            if isinstance(data, dict) and data.get("kind") == CHAMELEON:
+                vocab = ChameleonVocabulary.from_text_tokenizer(text, data.get("size"))
+            else:
+                vocab = Vocabulary.from_dict(data)
         except (TypeError, ValueError) as err:
             raise ValueError(f"{vocab_path}: invalid vocabulary: {err}") from err
-        text = TextTokenizer.from_file(root / TEXT_FILE)
         vq = VQGAN.from_pretrained(root / VQ_DIR, device=device)
         checks = (
             ("vocabulary.text_vocab_size", vocab.text_vocab_size, text.vocab_size, f"the vocab size of {TEXT_FILE}"),
