@@ -265,6 +265,8 @@ class CM3(nn.Module):
         config = config or CM3Config.from_preset("350m", vocab_size=DEFAULT_VOCABULARY.size)
         self.config = config
         self._image_source: Path | None = None  # a checkpoint's tokenizer folder, loaded on the first image call
+        # bool [vocab]: the only output-head rows that get gradients (cm3.model.training.train_image_head_only)
+        self.head_rows: torch.Tensor | None = None
         self.tok_emb = nn.Embedding(config.vocab_size, config.d_model)
         self.pos_emb = nn.Embedding(config.max_seq_len, config.d_model) if config.positions == "learned" else None
         grid = config.image_grid
@@ -341,6 +343,8 @@ class CM3(nn.Module):
         for block in self.blocks:
             x = block(x, rope, kv_cache, start_pos, mask)
         weight = self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
+        if self.head_rows is not None:
+            weight = torch.where(self.head_rows.to(weight.device)[:, None], weight, weight.detach())
         return F.linear(self.norm(x), weight).float()
 
     def _grid_embedding(self, ids: torch.Tensor, kv_cache: KVCache | None, start_pos: int) -> torch.Tensor:

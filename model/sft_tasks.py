@@ -133,16 +133,17 @@ def layout_example(tokenizer: MultimodalTokenizer, row: TaskRow) -> list[int]:
         if not row.get("output_text"):
             raise ValueError(f"{task} row {row.get('key')!r}: output_text is empty")
         answer = tokenizer.encode_caption(" " + row["output_text"])
-        body = image("input_image_ids") + [vocab.break_] + instruction + answer
+        parts = [(True, image("input_image_ids")), (False, instruction + answer)]
     elif task in ("text_to_image", "grounded_generation"):
-        body = instruction + [vocab.break_] + image("output_image_ids")
+        parts = [(False, instruction), (True, image("output_image_ids"))]
     elif task == "image_editing":
         source = tokenizer.encode_caption(EDIT_SOURCE_PROMPTS[row["template"]])
-        body = (source + [vocab.break_] + image("input_image_ids") + [vocab.break_] + instruction + [vocab.break_]
-                + image("output_image_ids"))
+        parts = [(False, source), (True, image("input_image_ids")), (False, instruction),
+                 (True, image("output_image_ids"))]
     else:
         raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
-    return [vocab.eod] + body + [vocab.eod]
+    # cm3: <eod> part <break> part ... <eod>; a Chameleon vocabulary: <s> text <racm3:break> IMG <eoss> ... </s>
+    return [vocab.bos, *vocab.join(parts), vocab.eos]
 
 
 def make_row(tokenizer: MultimodalTokenizer, task: str, key: str, seed: int, *, input_text: str | None = None,

@@ -214,3 +214,27 @@ def test_cli_generates_with_a_converted_checkpoint(converted, tmp_path):
     from PIL import Image
 
     assert Image.open(tmp_path / "grid_0.png").size == (32, 32)
+
+
+def test_image_head_training_changes_only_the_image_rows(converted):
+    from cm3.model.training import Batch, TokenKinds, build_optimizer, train_image_head_only, train_step
+
+    model, tokenizer = load_checkpoint(converted)
+    model.train()
+    vocab = tokenizer.vocab
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    train_image_head_only(model, vocab)
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == ["lm_head.weight"]
+    optimizer = build_optimizer(model, model.config)
+    assert optimizer.param_groups[0]["weight_decay"] == 0.0
+    ids = mixed_ids(model.config.vocab_size)
+    batch = Batch(ids[:, :-1], ids[:, 1:], torch.ones(ids.shape[0], ids.shape[1] - 1))
+    losses = [train_step(model, optimizer, [batch], 1e-2, 1.0, TokenKinds(vocab)).image_loss for _ in range(3)]
+    assert losses[-1] < losses[0]
+    after = model.state_dict()
+    image = torch.from_numpy(vocab.image_id_table())
+    text = torch.ones(model.config.vocab_size, dtype=torch.bool)
+    text[image] = False
+    assert torch.equal(after["lm_head.weight"][text], before["lm_head.weight"][text])
+    assert not torch.equal(after["lm_head.weight"][image], before["lm_head.weight"][image])
+    assert all(torch.equal(after[k], v) for k, v in before.items() if k != "lm_head.weight")

@@ -130,8 +130,14 @@ class ChameleonVocabulary:
         return self._names.get(int(token_id), f"<unnamed:{int(token_id)}>")
 
     def to_dict(self) -> dict:
-        """What vocabulary.json records: the kind and size; the names live in the tokenizer.json beside it."""
-        return {"kind": KIND, "size": self.size}
+        """What vocabulary.json and a training plan carry: kind, size and every token's name."""
+        return {"kind": KIND, "size": self.size, "names": {name: i for i, name in self._names.items()}}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ChameleonVocabulary:
+        if data.get("kind") != KIND or not isinstance(data.get("names"), dict):
+            raise ValueError(f"a Chameleon vocabulary needs kind {KIND!r} and names, got keys {sorted(data)}")
+        return cls(data["names"], data.get("size"))
 
     def _require(self, ids: ArrayLike, predicate, kind: str) -> np.ndarray:
         ids = np.asarray(ids, dtype=np.int64)

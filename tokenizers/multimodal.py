@@ -23,9 +23,9 @@ import numpy as np
 import torch
 from numpy.typing import ArrayLike
 
-from cm3.tokenizers.chameleon import KIND as CHAMELEON, ChameleonVocabulary
+from cm3.tokenizers.chameleon import ChameleonVocabulary
 from cm3.tokenizers.text import PathLike, TextTokenizer, train_from_shards
-from cm3.tokenizers.vocabulary import Order, Vocabulary, decode_document
+from cm3.tokenizers.vocabulary import Order, Vocabulary, decode_document, vocabulary_from_dict
 from cm3.tokenizers.vqgan import VQGAN
 
 FORMAT_VERSION = 1
@@ -131,15 +131,11 @@ class MultimodalTokenizer:
         if meta.get("format_version") != FORMAT_VERSION:
             raise ValueError(f"{vocab_path}: format_version {meta.get('format_version')!r} is not "
                              f"{FORMAT_VERSION}, the one this code reads")
-        text = TextTokenizer.from_file(root / TEXT_FILE)
-        data = meta.get("vocabulary")
         try:
-            if isinstance(data, dict) and data.get("kind") == CHAMELEON:
-                vocab = ChameleonVocabulary.from_text_tokenizer(text, data.get("size"))
-            else:
-                vocab = Vocabulary.from_dict(data)
+            vocab = vocabulary_from_dict(meta.get("vocabulary"))
         except (TypeError, ValueError) as err:
             raise ValueError(f"{vocab_path}: invalid vocabulary: {err}") from err
+        text = TextTokenizer.from_file(root / TEXT_FILE)
         vq = VQGAN.from_pretrained(root / VQ_DIR, device=device)
         checks = (
             ("vocabulary.text_vocab_size", vocab.text_vocab_size, text.vocab_size, f"the vocab size of {TEXT_FILE}"),

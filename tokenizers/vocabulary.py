@@ -187,6 +187,7 @@ class Vocabulary:
 
     @classmethod
     def from_dict(cls, data: dict) -> Vocabulary:
+        """cm3's vocabulary from its dict (see `vocabulary_from_dict` for either kind)."""
         names = {f.name for f in fields(cls)}
         if not isinstance(data, dict):
             raise ValueError(f"a vocabulary must be a dict, got {type(data).__name__}")
@@ -308,6 +309,15 @@ def _image_part(vocab: Vocabulary, ids: np.ndarray, tokens_per_image: int, where
     if ids.size != tokens_per_image:
         raise ValueError(f"{where} holds {ids.size} image tokens; one image is {tokens_per_image}")
     return ids - vocab.image_offset
+
+
+def vocabulary_from_dict(data: dict):
+    """A `Vocabulary`, or a `ChameleonVocabulary` for a dict of kind "chameleon" (its `to_dict`)."""
+    if isinstance(data, dict) and data.get("kind") is not None:
+        from cm3.tokenizers.chameleon import ChameleonVocabulary
+
+        return ChameleonVocabulary.from_dict(data)
+    return Vocabulary.from_dict(data)
 
 
 # Chameleon's joint vocabulary size. CM3Leon's BPE has 56,320 tokens (the paper); the default vocabulary fills

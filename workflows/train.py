@@ -70,6 +70,7 @@ class TrainOptions:
     use_gpu: Optional[bool] = None  # default: when the cluster has GPUs
     compile: bool = False
     activation_checkpointing: bool = False
+    trainable: str = "all"  # or "image-head": only the output head's image-token rows (Anole's recipe)
     checkpoint_every: int = 100
     keep: int = 3
     max_failures: int = 3
@@ -196,6 +197,7 @@ class Plan:
     init: Optional[str]
     compile: bool
     activation_checkpointing: bool
+    trainable: str
     threads: Optional[int]
     checkpoint_every: int
     log_every: int
@@ -206,11 +208,13 @@ def plan_run(options: TrainOptions):
     """(Plan, tokenizer, shard paths, columns) after every check that can fail on bad input."""
     from cm3.model.config import CM3Config
     from cm3.model.sequences import SequenceConfig
-    from cm3.model.training import grad_accumulation, total_steps_for
+    from cm3.model.training import TRAINABLE, grad_accumulation, total_steps_for
     from cm3.tokenizers.multimodal import MultimodalTokenizer
 
     if options.stage not in STAGES:
         raise ValueError(f"stage must be one of {STAGES}, got {options.stage!r}")
+    if options.trainable not in TRAINABLE:
+        raise ValueError(f"--trainable must be one of {TRAINABLE}, got {options.trainable!r}")
     if options.stage == "sft" and options.init is None:
         raise ValueError("stage sft needs --init: a pretrained cm3 checkpoint (or the pretrain run folder)")
     init = init_checkpoint(options.init) if options.init is not None else None
@@ -220,6 +224,9 @@ def plan_run(options: TrainOptions):
         raise ValueError("give --tokenizer (the vocabulary to train with) or --init (a checkpoint that has one)")
     tokenizer = MultimodalTokenizer.load(options.tokenizer if options.tokenizer is not None else init / "tokenizer")
     vocab_size = tokenizer.vocab.size
+    if options.cm3 and not tokenizer.vocab.num_sentinels:
+        raise ValueError("this vocabulary (a converted Chameleon's) has no <mask:i> tokens for CM3's infilling "
+                         "objective: train it with --no-cm3 (next-token prediction, as Chameleon was tuned)")
     if init is not None:
         config = CM3Config.from_dict(json.loads((init / "config.json").read_text()))
         if config.vocab_size != vocab_size:
@@ -227,6 +234,9 @@ def plan_run(options: TrainOptions):
                              f"{options.tokenizer or init / 'tokenizer'} has {vocab_size}; they must match")
         if options.model_overrides:
             raise ValueError(f"--set {sorted(options.model_overrides)} cannot change the shape of the --init model")
+        if options.trainable == "image-head" and config.tie_embeddings:
+            raise ValueError(f"--trainable image-head needs an untied output head; --init {init} ties it to the "
+                             "token embedding (a converted Chameleon does not)")
     else:
         size = {"max_seq_len": options.seq_len} if options.seq_len else {}
         overrides = with_image_offset({**size, **options.model_overrides}, tokenizer)
@@ -258,7 +268,8 @@ def plan_run(options: TrainOptions):
         accumulation=grad_accumulation(config.batch_tokens, options.batch_size, seq_len, options.num_workers),
         seed=options.seed, run_dir=str(options.run_dir), run_name=options.run_name,
         init=str(init) if init is not None else None, compile=options.compile,
-        activation_checkpointing=options.activation_checkpointing, threads=options.threads_per_worker,
+        activation_checkpointing=options.activation_checkpointing, trainable=options.trainable,
+        threads=options.threads_per_worker,
         checkpoint_every=options.checkpoint_every,
         log_every=options.log_every, fail_at_step=int(fail_at) if fail_at else None,
     )
@@ -359,8 +370,8 @@ def train_loop(loop_config: dict) -> None:
     from cm3.model.train_metrics import METRICS_FILE, DashboardGauges, MetricsLog
     from cm3.model.training import (Batch, DataPosition, TokenKinds, TrainState, build_optimizer,
                                     flops_per_token, learning_rate, load_train_checkpoint, packed_windows,
-                                    peak_flops, train_step)
-    from cm3.tokenizers.vocabulary import Vocabulary
+                                    peak_flops, train_image_head_only, train_step)
+    from cm3.tokenizers.vocabulary import vocabulary_from_dict
 
     plan = Plan(**loop_config)
     if plan.threads is not None:
@@ -368,7 +379,7 @@ def train_loop(loop_config: dict) -> None:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
-    vocab = Vocabulary.from_dict(plan.vocab)
+    vocab = vocabulary_from_dict(plan.vocab)
     sequences = SequenceConfig(**plan.sequences)
     config = CM3Config.from_dict(plan.model)
     run_dir = Path(plan.run_dir)
@@ -390,6 +401,8 @@ def train_loop(loop_config: dict) -> None:
         epoch = min(p["epoch"] for p in state.positions)
         state.positions = [asdict(DataPosition(epoch, 0))] * world
     start_step = state.step
+    if plan.trainable == "image-head":
+        train_image_head_only(model, vocab)
 
     model, forward, sync, fsdp = parallelize(model.to(device), device, world, plan)
     optimizer = build_optimizer(model, config)
@@ -569,6 +582,8 @@ def train_command(
     gpu: Optional[bool] = typer.Option(None, "--gpu/--cpu", help="Force GPU or CPU workers (default: GPU if any)."),
     compile_model: bool = typer.Option(False, "--compile", help="torch.compile the model."),
     activation_checkpointing: bool = typer.Option(False, "--activation-checkpointing", help="Recompute blocks in backward."),
+    trainable: str = typer.Option("all", help="all, or image-head: only the output head's image-token rows (Anole's "
+                                              "recipe for Chameleon; needs an untied head)."),
     checkpoint_every: int = typer.Option(100, min=1, help="Steps between checkpoints."),
     keep: int = typer.Option(3, min=1, help="Checkpoints kept."),
     max_failures: int = typer.Option(3, min=-1, help="Worker failures survived (-1: no limit)."),
@@ -584,6 +599,9 @@ def train_command(
       cm3 train --stage pretrain --shards data/augmented --tokenizer tokenizer/ --steps 2000
 
       cm3 train --stage sft --shards data/sft --init runs/train/cm3-pretrain --steps 500 --lr 1e-4
+
+      cm3 train --stage sft --shards data/sft-chameleon --init ckpt/chameleon-7b --no-cm3 --trainable image-head \
+          --activation-checkpointing --num-workers 8 --batch-size 1 --steps 1000 --lr 2e-4
     """
     try:
         options = TrainOptions(
@@ -592,7 +610,8 @@ def train_command(
             batch_tokens=batch_tokens, steps=steps, lr=lr, warmup_steps=warmup_steps, retrieved_min=retrieved_min,
             retrieved_max=retrieved_max, image_first=image_first, cm3=cm3, seed=seed, num_workers=num_workers,
             cpus_per_worker=cpus_per_worker, threads_per_worker=threads_per_worker, use_gpu=gpu, compile=compile_model,
-            activation_checkpointing=activation_checkpointing, checkpoint_every=checkpoint_every, keep=keep,
+            activation_checkpointing=activation_checkpointing, trainable=trainable, checkpoint_every=checkpoint_every,
+            keep=keep,
             max_failures=max_failures, log_every=log_every, ray_address=ray_address,
         )
         run_training(options)
