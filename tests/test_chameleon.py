@@ -238,3 +238,18 @@ def test_image_head_training_changes_only_the_image_rows(converted):
     assert torch.equal(after["lm_head.weight"][text], before["lm_head.weight"][text])
     assert not torch.equal(after["lm_head.weight"][image], before["lm_head.weight"][image])
     assert all(torch.equal(after[k], v) for k, v in before.items() if k != "lm_head.weight")
+
+
+def test_chameleon_benchmark_runs_at_a_tiny_shape():
+    """benchmarks/chameleon.py (the GPU figure's script) end to end on the CPU, with its transformers peer."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "benchmarks" / "chameleon.py"
+    spec = importlib.util.spec_from_file_location("chameleon_benchmark", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    result = module.main(["--shape", "tiny", "--images", "2", "--tokens", "8", "--prompt-len", "4",
+                          "--repeats", "1", "--device", "cpu"])
+    assert (result["rows"], result["tokens"]) == (6, 8)
+    assert result["cm3_images_per_s"] > 0 and result["ratio"] > 0
