@@ -28,6 +28,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from numpy.typing import ArrayLike
 
@@ -327,8 +328,13 @@ def text_to_image(model: CM3, tokenizer: MultimodalTokenizer, prompt: str, n: in
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
     vocab = tokenizer.vocab
-    docs = [(tokenizer.encode_caption(caption), vocab.image_ids(_codes(codes)).reshape(-1).tolist())
-            for caption, codes in retrieved or ()]
+    docs = []
+    for caption, codes in retrieved or ():
+        codes = np.asarray(_codes(codes)).reshape(-1)
+        if codes.size != tokenizer.tokens_per_image:
+            raise ValueError(f"a retrieved image has {codes.size} codes but this tokenizer's images have "
+                             f"{tokenizer.tokens_per_image}: build the index with the checkpoint's tokenizer")
+        docs.append((tokenizer.encode_caption(caption), vocab.image_ids(codes).tolist()))
     ids = image_prompt(vocab, tokenizer.encode_caption(prompt), docs)
     methods = ["top_p"] * (n - n // 2) + ["cd_k"] * (n // 2) if mix else None
     image_ids = generate_image_tokens(model, tokenizer.vocab, [ids] * n, tokenizer.tokens_per_image, sampling,
