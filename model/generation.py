@@ -127,16 +127,16 @@ def next_image_token(cond: torch.Tensor, uncond: torch.Tensor, sampling: Samplin
     """Next token per row [B] from the streams' logits [B, V'], with CFG + top-p, greedy, or (rows where
     use_cd) CD-K; use_cd None means every row follows sampling.method. `image_only` (the third stream) switches
     CFG to `apply_image_text_guidance`; CD-K contrasts the full and unconditional streams either way."""
-    if image_only is None:
-        guide = lambda: apply_guidance(cond, uncond, sampling.guidance_scale)  # noqa: E731
-    else:
-        guide = lambda: apply_image_text_guidance(cond, image_only, uncond, sampling.guidance_scale,  # noqa: E731
-                                                  sampling.image_guidance_scale)
-    if sampling.method == "greedy" and use_cd is None:
-        return guide().argmax(dim=-1)
     if sampling.method == "cd_k" and use_cd is None:
         return sample(cd_k_scores(cond, uncond, sampling.cd_alpha, sampling.cd_k), sampling.temperature, generator)
-    guided = top_p_filter(guide() / sampling.temperature, sampling.top_p)
+    if image_only is None:
+        guided = apply_guidance(cond, uncond, sampling.guidance_scale)
+    else:
+        guided = apply_image_text_guidance(cond, image_only, uncond, sampling.guidance_scale,
+                                           sampling.image_guidance_scale)
+    if sampling.method == "greedy" and use_cd is None:
+        return guided.argmax(dim=-1)
+    guided = top_p_filter(guided / sampling.temperature, sampling.top_p)
     if use_cd is not None:
         contrast = cd_k_scores(cond, uncond, sampling.cd_alpha, sampling.cd_k) / sampling.temperature
         guided = torch.where(use_cd[:, None], contrast, guided)
