@@ -217,7 +217,8 @@ class HFSource:
             _check_rows(qkv, self.config, f"{self.where.get(prefix + HF_QKV[0])}: keys {prefix}self_attn.*_proj")
             yield f"blocks.{n}.attn.qkv.weight", torch.cat(qkv), f"{self.where[prefix + HF_QKV[0]]}: key {prefix}q/k/v"
             for hf, ours in HF_LAYER.items():
-                yield f"blocks.{n}.{ours}", self.tensor(prefix + hf), f"{self.where.get(prefix + hf)}: key {prefix + hf}"
+                key = prefix + hf
+                yield f"blocks.{n}.{ours}", self.tensor(key), f"{self.where.get(key)}: key {key}"
 
 
 class MetaSource:

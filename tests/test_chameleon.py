@@ -50,9 +50,9 @@ def mixed_ids(vocab_size: int, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     text = torch.randint(names["<reserved08706>"] + 1, vocab_size, (2, 12), generator=g)
     image = torch.tensor([names[image_name(c)] for c in torch.randint(0, N_CODES, (16,), generator=g).tolist()])
-    wrap = lambda row: torch.cat([torch.tensor([names["<s>"]]), row[:6], torch.tensor([names["<racm3:break>"]]),  # noqa: E731
-                                  image, torch.tensor([names["<eoss>"]]), row[6:]])
-    return torch.stack([wrap(row) for row in text])
+    rows = [[names["<s>"], *row[:6].tolist(), names["<racm3:break>"], *image.tolist(), names["<eoss>"],
+             *row[6:].tolist()] for row in text]
+    return torch.tensor(rows)
 
 
 def max_difference(ours: CM3, reference, ids: torch.Tensor) -> float:

@@ -35,7 +35,7 @@ sft_app = typer.Typer(help="Build instruction-tuning (SFT) task shards.", no_arg
 app.add_typer(sft_app, name="sft")
 model_app = typer.Typer(help="Create and inspect CM3 decoder checkpoints.", no_args_is_help=True)
 app.add_typer(model_app, name="model")
-convert_app = typer.Typer(help="Convert other checkpoints (Chameleon, Anole) into cm3 checkpoints.", no_args_is_help=True)
+convert_app = typer.Typer(help="Convert Chameleon or Anole weights into cm3 checkpoints.", no_args_is_help=True)
 app.add_typer(convert_app, name="convert")
 
 app.command()(ingest)

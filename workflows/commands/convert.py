@@ -16,8 +16,9 @@ def convert_chameleon_command(
     vqgan: Optional[Path] = typer.Option(None, help="VQ-GAN checkpoint (Meta's tokenizer/vqgan.ckpt): needed for a "
                                                    "Hugging Face folder, which has no VQ decoder."),
     vqgan_config: Optional[Path] = typer.Option(None, help="Its config (Meta's tokenizer/vqgan.yaml)."),
-    model_size: Optional[str] = typer.Option(None, help="Meta's release: which models/SIZE (7b, 30b) when it has several."),
-    dtype: Optional[str] = typer.Option(None, help="Store the weights as float32, bfloat16 or float16 (default: as read)."),
+    model_size: Optional[str] = typer.Option(None, help="Meta's release: which models/SIZE (7b, 30b), if several."),
+    dtype: Optional[str] = typer.Option(None, help="Store the weights as float32, bfloat16 or float16 (default: as "
+                                                  "read)."),
 ) -> None:
     """Convert Chameleon or Anole weights into a cm3 checkpoint (decoder + Chameleon's tokenizer), keeping
     Chameleon's token ids; then `cm3 generate`, `cm3 caption` and `cm3 train --init` use it.

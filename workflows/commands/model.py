@@ -68,8 +68,8 @@ def generate(
     method: str = typer.Option("top_p", help="top_p, cd_k, greedy, or mix (half top-p, half CD-K as in the paper)."),
     guidance: float = typer.Option(3.0, help="Classifier-free guidance scale (1: none); with --image-guidance, the "
                                              "text scale."),
-    image_guidance: Optional[float] = typer.Option(None, help="Chameleon's guidance: scale of the prompt's images apart "
-                                                              "from its text (Chameleon's default 1.2)."),
+    image_guidance: Optional[float] = typer.Option(None, help="Chameleon's guidance: scale of the prompt's images "
+                                                              "apart from its text (Chameleon's default 1.2)."),
     temperature: float = typer.Option(1.0, help="Sampling temperature."),
     top_p: float = typer.Option(0.9, help="Nucleus mass."),
     cd_alpha: float = typer.Option(0.1, help="CD-K plausibility cut-off alpha."),
