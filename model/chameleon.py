@@ -395,7 +395,8 @@ def convert_chameleon(src: str | os.PathLike, out: str | os.PathLike, *, vqgan: 
                       dtype: torch.dtype | None = None, shard_bytes: int = SHARD_BYTES,
                       progress: Callable[[str], None] | None = None) -> Conversion:
     """Convert, checking everything first, into a staging folder renamed to `out` at the end: an error leaves
-    nothing at `out`. `out` must not exist yet."""
+    nothing at `out`. `out` must not exist yet. Every weight is stored in `dtype` (default: the dtype of the
+    first weight read, the token embedding's)."""
     src, out = Path(src), Path(out)
     if out.exists():
         raise ConversionError(f"{out}: already exists; choose another --out or remove it")
@@ -429,10 +430,11 @@ def convert_chameleon(src: str | os.PathLike, out: str | os.PathLike, *, vqgan: 
             if tuple(tensor.shape) != tuple(expected[key].shape):
                 raise ConversionError(f"{where}: shape {tuple(tensor.shape)} does not fit the config, which needs "
                                       f"{tuple(expected[key].shape)} for {key}")
-            writer.add(key, tensor.to(dtype) if dtype is not None else tensor)
+            dtype = dtype or tensor.dtype  # one dtype for every weight: the first one read (the embedding's)
+            writer.add(key, tensor.to(dtype))
             written.add(key)
             if progress and key.endswith("mlp_norm.weight"):
-                progress(f"converted {key.split('.')[1]} of {config.n_layers - 1} layers")
+                progress(f"layer {int(key.split('.')[1]) + 1} of {config.n_layers} converted")
         if missing := sorted(set(expected) - written):
             raise ConversionError(f"{src}: no weights for {missing[:5]}")
         writer.close()
