@@ -214,8 +214,11 @@ class HFSource:
         for n in range(self.config.n_layers):
             prefix = f"model.layers.{n}."
             qkv = [self.tensor(prefix + k) for k in HF_QKV]
-            _check_rows(qkv, self.config, f"{self.where.get(prefix + HF_QKV[0])}: keys {prefix}self_attn.*_proj")
-            yield f"blocks.{n}.attn.qkv.weight", torch.cat(qkv), f"{self.where[prefix + HF_QKV[0]]}: key {prefix}q/k/v"
+            where = f"{self.where[prefix + HF_QKV[0]]}: keys {prefix}self_attn.q/k/v_proj.weight"
+            _check_rows(qkv, self.config, where)
+            if len({t.shape[1:] for t in qkv}) > 1:
+                raise ConversionError(f"{where}: shapes {[tuple(t.shape) for t in qkv]} do not fit together")
+            yield f"blocks.{n}.attn.qkv.weight", torch.cat(qkv), where
             for hf, ours in HF_LAYER.items():
                 key = prefix + hf
                 yield f"blocks.{n}.{ours}", self.tensor(key), f"{self.where.get(key)}: key {key}"
@@ -300,28 +303,41 @@ class MetaSource:
             rows = [w.reshape(hd // 2, 2).t().reshape(1, hd) for w in self._all(key)]
             return torch.cat(rows).repeat_interleave(n // self.mp, dim=0)
 
-        yield "tok_emb.weight", torch.cat(self._all("tok_embeddings.weight"), dim=1), f"{where}: key tok_embeddings"
-        yield "norm.weight", torch.stack(self._all("norm.weight")).mean(0), f"{where}: key norm.weight"
-        yield "lm_head.weight", torch.cat(self._all("output.weight")), f"{where}: key output.weight"
-        for n in range(c.n_layers):
-            p = f"layers.{n}."
-            q = halves(torch.cat(self._all(p + "attention.wq.weight")), heads)
-            k = halves(torch.cat(self._all(p + "attention.wk.weight")), kv)
-            v = torch.cat(self._all(p + "attention.wv.weight"))
+        def cat(key: str, dim: int = 0) -> torch.Tensor:
+            return torch.cat(self._all(key), dim=dim)
+
+        def mean(key: str) -> torch.Tensor:
+            return torch.stack(self._all(key)).mean(0)
+
+        def qkv(p: str) -> torch.Tensor:
+            q, k, v = (cat(f"{p}attention.{w}.weight") for w in ("wq", "wk", "wv"))
             _check_rows([q, k, v], c, f"{where}: keys {p}attention.wq/wk/wv")
-            yield f"blocks.{n}.attn.qkv.weight", torch.cat([q, k, v]), f"{where}: keys {p}attention.wq/wk/wv"
-            yield f"blocks.{n}.attn.out.weight", torch.cat(self._all(p + "attention.wo.weight"), 1), f"{where}: {p}wo"
+            return torch.cat([halves(q, heads), halves(k, kv), v])
+
+        plan: list[tuple[str, str, Callable[[], torch.Tensor]]] = [
+            ("tok_emb.weight", "tok_embeddings.weight", lambda: cat("tok_embeddings.weight", 1)),
+            ("norm.weight", "norm.weight", lambda: mean("norm.weight")),
+            ("lm_head.weight", "output.weight", lambda: cat("output.weight"))]
+        for n in range(c.n_layers):
+            p, b = f"layers.{n}.", f"blocks.{n}."
+            plan += [(b + "attn.qkv.weight", p + "attention.wq/wk/wv", lambda p=p: qkv(p)),
+                     (b + "attn.out.weight", p + "attention.wo.weight", lambda p=p: cat(p + "attention.wo.weight", 1))]
             for ours, theirs, count in (("q_norm", "q_normalization", heads), ("k_norm", "k_normalization", kv)):
                 for part in ("weight", "bias"):
                     key = f"{p}attention.{theirs}.{part}"
-                    yield f"blocks.{n}.attn.{ours}.{part}", per_head(key, count), f"{where}: key {key}"
-            ffn = p + "feed_forward."
-            yield f"blocks.{n}.mlp.gate.weight", torch.cat(self._all(ffn + "w1.weight")), f"{where}: key {ffn}w1"
-            yield f"blocks.{n}.mlp.up.weight", torch.cat(self._all(ffn + "w3.weight")), f"{where}: key {ffn}w3"
-            yield f"blocks.{n}.mlp.down.weight", torch.cat(self._all(ffn + "w2.weight"), 1), f"{where}: key {ffn}w2"
+                    plan.append((f"{b}attn.{ours}.{part}", key, lambda key=key, count=count: per_head(key, count)))
+            for ours, theirs, dim in (("gate", "w1", 0), ("up", "w3", 0), ("down", "w2", 1)):
+                key = f"{p}feed_forward.{theirs}.weight"
+                plan.append((f"{b}mlp.{ours}.weight", key, lambda key=key, dim=dim: cat(key, dim)))
             for ours, theirs in (("attn_norm", "attention_norm"), ("mlp_norm", "ffn_norm")):
                 key = f"{p}{theirs}.weight"
-                yield f"blocks.{n}.{ours}.weight", torch.stack(self._all(key)).mean(0), f"{where}: key {key}"
+                plan.append((f"{b}{ours}.weight", key, lambda key=key: mean(key)))
+        for ours, theirs, make in plan:
+            try:  # shards whose shapes do not fit each other or the heads fail in cat/reshape
+                tensor = make()
+            except RuntimeError as err:
+                raise ConversionError(f"{where}: key {theirs}: {err}") from None
+            yield ours, tensor, f"{where}: key {theirs}"
 
 
 def _check_rows(parts: list[torch.Tensor], config: CM3Config, where: str) -> None:

@@ -152,12 +152,18 @@ def test_cli_refuses_a_malformed_source_with_exit_2(hf_source, vqgan_files, tmp_
     assert not (tmp_path / "out").exists()
 
 
-def test_meta_release_with_a_missing_model_parallel_shard_is_refused(tmp_path):
+def test_meta_release_with_a_missing_or_misshapen_shard_is_refused(tmp_path):
     root = write_meta_release(hf_model(shards=2), tmp_path / "chameleon", shards=2)
-    (root / "models" / "7b" / "consolidated.01.pth").unlink()
+    shard = root / "models" / "7b" / "consolidated.01.pth"
+    state = torch.load(shard, weights_only=True)
+    state["layers.1.feed_forward.w2.weight"] = state["layers.1.feed_forward.w2.weight"][:-1]
+    torch.save(state, shard)
+    with pytest.raises(ConversionError, match=r"consolidated\.\*\.pth: key layers\.1\.feed_forward\.w2\.weight"):
+        convert_chameleon(root, tmp_path / "out")
+    shard.unlink()
     with pytest.raises(ConversionError, match=r"consolidated\.01\.pth: missing"):
         convert_chameleon(root, tmp_path / "out")
-    assert not (tmp_path / "out").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["chameleon"]
 
 
 def test_hugging_face_folder_needs_the_vq_decoder(hf_source, tmp_path):
