@@ -225,8 +225,8 @@ def plan_run(options: TrainOptions):
     tokenizer = MultimodalTokenizer.load(options.tokenizer if options.tokenizer is not None else init / "tokenizer")
     vocab_size = tokenizer.vocab.size
     if options.cm3 and not tokenizer.vocab.num_sentinels:
-        raise ValueError("this vocabulary (a converted Chameleon's) has no <mask:i> tokens for CM3's infilling "
-                         "objective: train it with --no-cm3 (next-token prediction, as Chameleon was tuned)")
+        raise ValueError("this vocabulary has no <mask:i> tokens for CM3's infilling objective (a converted "
+                         "Chameleon's has none): train with --no-cm3 (next-token prediction, as Chameleon was tuned)")
     if init is not None:
         config = CM3Config.from_dict(json.loads((init / "config.json").read_text()))
         if config.vocab_size != vocab_size:
