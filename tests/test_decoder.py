@@ -287,12 +287,13 @@ print(output.shape)  # (1, 1024, 20000)
 """
 
 
+@pytest.mark.slow  # a random 350m model over 2,049 tokens: minutes on a busy 2-core machine
+@pytest.mark.timeout(1800)
 def test_the_seed_readmes_example_runs_as_written(capsys):
     """The CM3Leon README's usage section, verbatim (without gradients, to spare memory): T is the whole
     caption-first document (1024 caption ids, <break>, 1024 image tokens of the default 256 x 256 VQ-GAN) and V
     the default vocabulary, not the (1, 1024, 20000) of its comment."""
     scope = {}
-    torch.set_num_threads(2)  # a 350m model over 2,049 tokens: both cores (the fixture restores one after)
     with torch.inference_mode():
         exec(SEED_EXAMPLE, scope)
     assert capsys.readouterr().out.strip() == "torch.Size([1, 2049, 65536])"
