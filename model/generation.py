@@ -1,14 +1,20 @@
 """Decoding for CM3Leon: text-to-image with classifier-free guidance and contrastive decoding (CD-K), and text
 (captions, VQA answers), over the decoder's static KV cache.
 
-Layouts (the paper's):
+Layouts (the paper's, in cm3's vocabulary):
 
     text -> image   <eod> [retrieved doc <break>]* caption <break>  -> tokens_per_image image ids, then <break>
     unconditional   <eod> <mask:0> <break>                          (the CFG / CD-K amateur stream)
     image -> text   <eod> IMG <break> [question]                    -> text ids until <eod>
 
+A converted Chameleon checkpoint's vocabulary (`ChameleonVocabulary`) lays the same prompts out with its own
+tokens: `<s> [text <racm3:break> IMG <eoss>]* caption <racm3:break>`, unconditional `<s> <racm3:break>`, and
+exactly tokens_per_image image ids are generated before `<eoss>`. Only the vocabulary's layout names are used
+(`bos`, `begin_image`, `join`, ...), never cm3's id ranges.
+
 Guidance runs the conditional and unconditional streams as one batch of 2B rows (cond rows first), each row with
-its own KV-cache row, so every step is one forward pass.
+its own KV-cache row, so every step is one forward pass. With `image_guidance_scale` it runs Chameleon's three
+streams (InstructPix2Pix's guidance): full prompt, the prompt's images alone, and unconditional.
 
 Padding: prompts of different lengths (the 3-token unconditional prompt always is shorter) are LEFT-padded with
 <pad>, and the decoder's `key_padding` hides the pads from attention, so every row attends only to its own
@@ -21,12 +27,13 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
 from numpy.typing import ArrayLike
 
 from cm3.model.decoder import CM3
-from cm3.tokenizers import layout
 from cm3.model.sampling_options import CAPTION_METHOD, CAPTION_TOKENS, SamplingConfig
+from cm3.tokenizers.layout import caption_prompt, image_only_prompt, image_prompt, unconditional_prompt
 from cm3.tokenizers.multimodal import MultimodalTokenizer
 from cm3.tokenizers.vocabulary import Vocabulary
 
@@ -40,6 +47,13 @@ def apply_guidance(cond_logits: torch.Tensor, uncond_logits: torch.Tensor, scale
     """CFG: uncond + scale * (cond - uncond), written as cond + (scale - 1) * (cond - uncond) so that scale 1
     returns the conditional logits bit for bit."""
     return cond_logits + (scale - 1.0) * (cond_logits - uncond_logits)
+
+
+def apply_image_text_guidance(full: torch.Tensor, image_only: torch.Tensor, uncond: torch.Tensor,
+                              text_scale: float, image_scale: float) -> torch.Tensor:
+    """Chameleon's CFG (InstructPix2Pix's): uncond + image_scale * (image_only - uncond)
+    + text_scale * (full - image_only)."""
+    return uncond + image_scale * (image_only - uncond) + text_scale * (full - image_only)
 
 
 def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -79,15 +93,21 @@ def sample(scores: torch.Tensor, temperature: float, generator: torch.Generator 
 
 
 def next_image_token(cond: torch.Tensor, uncond: torch.Tensor, sampling: SamplingConfig,
-                     use_cd: torch.Tensor | None, generator: torch.Generator | None) -> torch.Tensor:
-    """Next token per row [B] from the two streams' logits [B, V'], with CFG + top-p, greedy, or (rows where
-    use_cd) CD-K; use_cd None means every row follows sampling.method."""
-    if sampling.method == "greedy" and use_cd is None:
-        return apply_guidance(cond, uncond, sampling.guidance_scale).argmax(dim=-1)
+                     use_cd: torch.Tensor | None, generator: torch.Generator | None,
+                     image_only: torch.Tensor | None = None) -> torch.Tensor:
+    """Next token per row [B] from the streams' logits [B, V'], with CFG + top-p, greedy, or (rows where
+    use_cd) CD-K; use_cd None means every row follows sampling.method. `image_only` (the third stream) switches
+    CFG to `apply_image_text_guidance`; CD-K contrasts the full and unconditional streams either way."""
     if sampling.method == "cd_k" and use_cd is None:
         return sample(cd_k_scores(cond, uncond, sampling.cd_alpha, sampling.cd_k), sampling.temperature, generator)
-    guided = top_p_filter(apply_guidance(cond, uncond, sampling.guidance_scale) / sampling.temperature,
-                          sampling.top_p)
+    if image_only is None:
+        guided = apply_guidance(cond, uncond, sampling.guidance_scale)
+    else:
+        guided = apply_image_text_guidance(cond, image_only, uncond, sampling.guidance_scale,
+                                           sampling.image_guidance_scale)
+    if sampling.method == "greedy" and use_cd is None:
+        return guided.argmax(dim=-1)
+    guided = top_p_filter(guided / sampling.temperature, sampling.top_p)
     if use_cd is not None:
         contrast = cd_k_scores(cond, uncond, sampling.cd_alpha, sampling.cd_k) / sampling.temperature
         guided = torch.where(use_cd[:, None], contrast, guided)
@@ -95,16 +115,6 @@ def next_image_token(cond: torch.Tensor, uncond: torch.Tensor, sampling: Samplin
 
 
 # --- prompts --------------------------------------------------------------------------------------------------
-
-
-def image_prompt(vocab: Vocabulary, caption_ids: Sequence[int], retrieved: Sequence[Sequence[int]] = ()) -> list[int]:
-    """`<eod> [doc <break>]* caption <break>`: the conditional text-to-image prompt (joint ids)."""
-    return layout.image_prompt(vocab, caption_ids, retrieved)
-
-
-def unconditional_prompt(vocab: Vocabulary) -> list[int]:
-    """`<eod> <mask:0> <break>`: the prompt text replaced by the CM3 mask token, as in the paper's CFG."""
-    return layout.unconditional_prompt(vocab)
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad: int, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -154,16 +164,18 @@ def default_generator(sampling: SamplingConfig, device: torch.device) -> torch.G
 def generate_image_tokens(model: CM3, vocab: Vocabulary, prompts: Sequence[Sequence[int]], tokens_per_image: int,
                           sampling: SamplingConfig, methods_per_row: Sequence[str] | None = None,
                           generator: torch.Generator | None = None) -> torch.Tensor:
-    """Joint image ids [B, tokens_per_image], one image per prompt (each ending with <break>).
+    """Joint image ids [B, tokens_per_image], one image per prompt (each ending with the vocabulary's
+    begin_image: <break>, or Chameleon's <racm3:break>).
 
-    One prefill over the 2B cond+uncond rows, then one forward per token; only the image slice of the logits is
-    used, so every sampled id is an image id. The closing <break> is forced, not sampled, so it is not returned.
+    One prefill over the 2B cond+uncond rows (3B with image guidance), then one forward per token; only the image
+    ids' logits are used, so every sampled id is an image id and there are exactly tokens_per_image of them. The
+    closing end_image is forced, not sampled, so it is not returned.
     """
     check_vocab(model, vocab)
     if not prompts or tokens_per_image < 1:
         raise ValueError(f"need prompts and tokens_per_image >= 1, got {len(prompts)} and {tokens_per_image}")
-    if any(not p or p[-1] != vocab.break_ for p in prompts):
-        raise ValueError("every text-to-image prompt must end with <break> (see image_prompt)")
+    if any(not p or p[-1] != vocab.begin_image for p in prompts):
+        raise ValueError("every text-to-image prompt must end with the begin-image token (see image_prompt)")
     B = len(prompts)
     device = model.tok_emb.weight.device
     use_cd = None
@@ -173,32 +185,37 @@ def generate_image_tokens(model: CM3, vocab: Vocabulary, prompts: Sequence[Seque
         use_cd = torch.tensor([m == "cd_k" for m in methods_per_row], device=device)
     generator = generator or default_generator(sampling, device)
 
-    ids = left_pad([*prompts, *[unconditional_prompt(vocab)] * B], vocab.pad, device)
+    image_only = [image_only_prompt(vocab, p) for p in prompts] if sampling.image_guidance_scale is not None else []
+    streams = 3 if image_only else 2
+    ids = left_pad([*prompts, *image_only, *[unconditional_prompt(vocab)] * B], vocab.pad, device)
     prompt_len = ids.shape[1]
-    check_room(model, prompt_len, tokens_per_image + 1)  # + the closing <break>
-    lo, hi = vocab.image_offset, vocab.size
-    cache = model.new_kv_cache(2 * B, prompt_len + tokens_per_image - 1)
+    check_room(model, prompt_len, tokens_per_image + 1)  # + the closing end_image
+    table = torch.from_numpy(vocab.image_id_table()).to(device)  # code -> joint id
+    cache = model.new_kv_cache(streams * B, prompt_len + tokens_per_image - 1)
     padding = key_padding(ids, vocab, tokens_per_image)
-    logits = model(ids, kv_cache=cache, key_padding=_upto(padding, prompt_len))[:, -1, lo:hi]
+    logits = model(ids, kv_cache=cache, key_padding=_upto(padding, prompt_len))[:, -1, table]
     out = torch.empty(B, tokens_per_image, dtype=torch.long, device=device)
-    step_ids = torch.empty(2 * B, 1, dtype=torch.long, device=device)
+    step_ids = torch.empty(streams * B, 1, dtype=torch.long, device=device)
     for i in range(tokens_per_image):
-        codes = next_image_token(logits[:B], logits[B:], sampling, use_cd, generator)
+        codes = next_image_token(logits[:B], logits[-B:], sampling, use_cd, generator,
+                                 logits[B:2 * B] if image_only else None)
         out[:, i] = codes
         if i + 1 == tokens_per_image:
             break
-        step_ids.view(2, B).copy_(codes + lo)  # the uncond rows continue with the same image
+        step_ids.view(streams, B).copy_(table[codes])  # every stream continues with the same image
         logits = model(step_ids, kv_cache=cache, start_pos=prompt_len + i,
-                       key_padding=_upto(padding, prompt_len + i + 1))[:, -1, lo:hi]
-    return out + lo
+                       key_padding=_upto(padding, prompt_len + i + 1))[:, -1, table]
+    return table[out]
 
 
 @torch.inference_mode()
 def generate_text(model: CM3, vocab: Vocabulary, prompts: Sequence[Sequence[int]], max_new_tokens: int,
-                  sampling: SamplingConfig, stop_ids: Sequence[int] = (Vocabulary.eod,),
+                  sampling: SamplingConfig, stop_ids: Sequence[int] | None = None,
                   generator: torch.Generator | None = None) -> list[list[int]]:
-    """New text ids per prompt (the stop id not included), restricted to text ids + stop_ids; a row stops at its
-    first stop id, the batch when every row has stopped or after max_new_tokens. No guidance: greedy or top-p."""
+    """New text ids per prompt (the stop id not included), restricted to text ids + stop_ids (default: the
+    vocabulary's `stop_ids`); a row stops at its first stop id, the batch when every row has stopped or after
+    max_new_tokens. No guidance: greedy or top-p."""
+    stop_ids = vocab.stop_ids if stop_ids is None else stop_ids
     check_vocab(model, vocab)
     if sampling.method not in ("greedy", "top_p"):
         raise ValueError(f"text generation samples greedy or top_p, got {sampling.method!r}")
@@ -209,8 +226,7 @@ def generate_text(model: CM3, vocab: Vocabulary, prompts: Sequence[Sequence[int]
     ids = left_pad(prompts, vocab.pad, device)
     B, prompt_len = ids.shape
     check_room(model, prompt_len, max_new_tokens)
-    allowed = torch.zeros(vocab.size, dtype=torch.bool, device=device)
-    allowed[vocab.text_offset:vocab.image_offset] = True
+    allowed = torch.from_numpy(vocab.text_mask()).to(device)
     stops = torch.tensor(list(stop_ids), dtype=torch.long, device=device)
     allowed[stops] = True
 
@@ -250,14 +266,22 @@ def text_to_image(model: CM3, tokenizer: MultimodalTokenizer, prompt: str, n: in
                   mix: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """n images for one caption -> (images float [n, 3, H, W] in [-1, 1], image ids [n, tokens_per_image]).
 
-    `retrieved` are (caption, VQ codes) documents prepended as `text <break> IMG <break>`; `mix` samples the
+    `retrieved` are (caption, VQ codes) documents prepended as `text <break> IMG <break>` (in the tokenizer's
+    vocabulary: Chameleon's wraps each image in its own markers instead); `mix` samples the
     first half of the rows with top-p and the rest with CD-K (the paper's best FID recipe, before CLIP re-ranking).
     """
     sampling = sampling or SamplingConfig()
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
-    docs = [tokenizer.document(caption, codes, "caption_first") for caption, codes in retrieved or ()]
-    ids = image_prompt(tokenizer.vocab, tokenizer.encode_caption(prompt), docs)
+    vocab = tokenizer.vocab
+    docs = []
+    for caption, codes in retrieved or ():
+        codes = np.asarray(_codes(codes)).reshape(-1)
+        if codes.size != tokenizer.tokens_per_image:
+            raise ValueError(f"a retrieved image has {codes.size} codes but this tokenizer's images have "
+                             f"{tokenizer.tokens_per_image}: build the index with the checkpoint's tokenizer")
+        docs.append((tokenizer.encode_caption(caption), vocab.image_ids(codes).tolist()))
+    ids = image_prompt(vocab, tokenizer.encode_caption(prompt), docs)
     methods = ["top_p"] * (n - n // 2) + ["cd_k"] * (n // 2) if mix else None
     image_ids = generate_image_tokens(model, tokenizer.vocab, [ids] * n, tokenizer.tokens_per_image, sampling,
                                       methods)
@@ -272,9 +296,13 @@ def caption_image(model: CM3, tokenizer: MultimodalTokenizer, images: torch.Tens
     vocab = tokenizer.vocab
     image_ids = tokenizer.encode_image(images).tolist()
     tail = tokenizer.encode_caption(question) if question else []
-    prompts = [layout.caption_prompt(vocab, row, tail) for row in image_ids]
+    prompts = [caption_prompt(vocab, row, tail) for row in image_ids]
     answers = generate_text(model, vocab, prompts, max_new_tokens, sampling)
     return [tokenizer.decode_text(ids) for ids in answers]
+
+
+def _codes(codes: ArrayLike | torch.Tensor):
+    return codes.detach().cpu().numpy() if isinstance(codes, torch.Tensor) else codes
 
 
 def rerank_by_clip(images: torch.Tensor, prompt: str,

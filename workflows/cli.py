@@ -10,6 +10,7 @@ import sys
 
 import typer
 
+from cm3.workflows.commands.convert import convert_chameleon_command
 from cm3.workflows.commands.data import ingest, tokenize, demo_data_serve, demo_data_write_urls, demo
 from cm3.workflows.commands.index import build_index_command, search
 from cm3.workflows.commands.model import model_init, generate, caption
@@ -34,6 +35,8 @@ sft_app = typer.Typer(help="Build instruction-tuning (SFT) task shards.", no_arg
 app.add_typer(sft_app, name="sft")
 model_app = typer.Typer(help="Create and inspect CM3 decoder checkpoints.", no_args_is_help=True)
 app.add_typer(model_app, name="model")
+convert_app = typer.Typer(help="Convert Chameleon or Anole weights into cm3 checkpoints.", no_args_is_help=True)
+app.add_typer(convert_app, name="convert")
 
 app.command()(ingest)
 sft_app.command("convert")(sft_convert)
@@ -46,6 +49,7 @@ app.command()(tokenize)
 app.command("build-index")(build_index_command)
 app.command()(search)
 model_app.command("init")(model_init)
+convert_app.command("chameleon")(convert_chameleon_command)
 app.command()(generate)
 app.command()(caption)
 demo_data_app.command("serve")(demo_data_serve)

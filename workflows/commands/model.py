@@ -46,6 +46,13 @@ def model_init(
     typer.echo(f"{out}: {preset} decoder, {num_parameters(config) / 1e6:.1f}M parameters, vocab {config.vocab_size}")
 
 
+def inference_dtype(device: str):
+    """bf16 weights on a GPU (a converted 7B then needs 14 GB, not 28), the saved dtype on the CPU."""
+    import torch
+
+    return torch.bfloat16 if device.startswith("cuda") else None
+
+
 def _sampling(**fields) -> SamplingConfig:
     """The command's sampling options as a SamplingConfig, or exit 2 naming the bad one."""
     try:
@@ -61,7 +68,11 @@ def generate(
     out: Path = typer.Option(Path("generated.png"), help="PNG grid to write (the images also go beside it)."),
     method: str = typer.Option(SAMPLING.method,
                                help="top_p, cd_k, greedy, or mix (half top-p, half CD-K as in the paper)."),
-    guidance: float = typer.Option(SAMPLING.guidance_scale, help="Classifier-free guidance scale (1: none)."),
+    guidance: float = typer.Option(SAMPLING.guidance_scale, help="Classifier-free guidance scale (1: none); with "
+                                                                 "--image-guidance, the text scale."),
+    image_guidance: Optional[float] = typer.Option(SAMPLING.image_guidance_scale,
+                                                   help="Chameleon's guidance: scale of the prompt's images apart "
+                                                        "from its text (Chameleon's default 1.2)."),
     temperature: float = typer.Option(SAMPLING.temperature, help="Sampling temperature."),
     top_p: float = typer.Option(SAMPLING.top_p, help="Nucleus mass."),
     cd_alpha: float = typer.Option(SAMPLING.cd_alpha, help="CD-K plausibility cut-off alpha."),
@@ -70,7 +81,7 @@ def generate(
     index: Optional[Path] = typer.Option(None, help="Retrieve documents for the prompt from this index and prepend them."),
     retrieved: int = typer.Option(DEFAULT_K, min=0, help="With --index: how many documents to prepend."),
     rerank: bool = typer.Option(False, "--rerank", help="Order the N images by CLIP score (the index's CLIP model)."),
-    device: str = typer.Option("cpu", help="cpu or cuda."),
+    device: str = typer.Option("cpu", help="cpu or cuda (bf16 weights)."),
 ) -> None:
     """Text to image: sample N images for a prompt with CFG and top-p or CD-K, save a PNG grid.
 
@@ -81,6 +92,9 @@ def generate(
       cm3 generate "a blue square" --checkpoint ckpt/sft --method mix --guidance 4 --out blue.png
 
       cm3 generate "a green circle" --checkpoint ckpt/sft --index data/index -n 8 --rerank
+
+      cm3 generate "a cat on a sofa" --checkpoint ckpt/anole-7b --device cuda --guidance 3 --image-guidance 1.2 \
+          --temperature 0.7
     """
     from cm3.core.images import to_pil
     from cm3.model.checkpoint import load_checkpoint
@@ -88,11 +102,12 @@ def generate(
     from cm3.workflows.report import image_grid
 
     sampling = _sampling(method="top_p" if method == "mix" else method, guidance_scale=guidance,
-                         temperature=temperature, top_p=top_p, cd_alpha=cd_alpha, cd_k=cd_k, seed=seed)
+                         image_guidance_scale=image_guidance, temperature=temperature, top_p=top_p,
+                         cd_alpha=cd_alpha, cd_k=cd_k, seed=seed)
     if rerank and index is None:
         fail("--rerank scores with the CLIP model of an index: give --index too")
     try:
-        model, tokenizer = load_checkpoint(checkpoint, device=device)
+        model, tokenizer = load_checkpoint(checkpoint, device=device, dtype=inference_dtype(device))
         retriever = None
         if index is not None:
             from cm3.index.query import Retriever
@@ -122,7 +137,7 @@ def caption(
     method: str = typer.Option(CAPTION_METHOD, help="greedy or top_p."),
     max_new_tokens: int = typer.Option(CAPTION_TOKENS, min=1, help="Longest answer."),
     seed: int = typer.Option(SAMPLING.seed, help="Sampling seed (top_p)."),
-    device: str = typer.Option("cpu", help="cpu or cuda."),
+    device: str = typer.Option("cpu", help="cpu or cuda (bf16 weights)."),
 ) -> None:
     """Image to text: caption images, or answer a question about them.
 
@@ -143,7 +158,7 @@ def caption(
             fail(f"{path}: no such image file")
     sampling = _sampling(method=method, seed=seed)
     try:
-        model, tokenizer = load_checkpoint(checkpoint, device=device)
+        model, tokenizer = load_checkpoint(checkpoint, device=device, dtype=inference_dtype(device))
         size = tokenizer.vq.config.resolution
         batch = torch.cat([load_image_tensor(path, size) for path in images]).to(device)
         answers = caption_image(model, tokenizer, batch, question=question, sampling=sampling,

@@ -95,7 +95,8 @@ def generate_for_specs(model, tokenizer, specs: Sequence[ShapeSpec], samples: in
     prompts = []
     for spec in specs:
         documents = retriever.for_text(spec.caption, retrieved) if retrieved else []
-        docs = [tokenizer.document(caption, codes, "caption_first") for caption, codes in documents]
+        docs = [(tokenizer.encode_caption(caption), tokenizer.vocab.image_ids(codes).tolist())
+                for caption, codes in documents]
         prompts += [image_prompt(tokenizer.vocab, tokenizer.encode_caption(spec.caption), docs)] * samples
     rows = batch_prompts * samples
     ids = [generate_image_tokens(model, tokenizer.vocab, prompts[start:start + rows], tokenizer.tokens_per_image,
