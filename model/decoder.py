@@ -238,6 +238,12 @@ class CM3(nn.Module):
         attention and each row's positions start after its pads, so a padded prompt gives the same logits as
         the prompt alone (generation batches prompts of different lengths this way).
         """
+        return self.head(self.hidden(ids, kv_cache=kv_cache, start_pos=start_pos, key_padding=key_padding))
+
+    def hidden(self, ids: torch.Tensor, *, kv_cache: KVCache | None = None, start_pos: int = 0,
+               key_padding: torch.Tensor | None = None) -> torch.Tensor:
+        """`forward` without the output head: the last block's output [B, T, d_model] (prefill takes the head
+        of the last position only)."""
         T = ids.shape[1]
         if start_pos + T > self.config.max_seq_len:
             raise ValueError(f"positions up to {start_pos + T} exceed max_seq_len {self.config.max_seq_len}")
@@ -246,30 +252,39 @@ class CM3(nn.Module):
         positions = torch.arange(start_pos, start_pos + T, device=ids.device)
         if key_padding is not None:  # per-row positions counted from the first real token
             positions = (positions[None, :] - key_padding.sum(dim=1, keepdim=True)).clamp(min=0)
-        x = self.tok_emb(ids)
+        cells = None
         if self.row_emb is not None:
-            x = x + self._grid_embedding(ids, kv_cache, start_pos)
-        rope = None
-        if self.pos_emb is not None:
-            x = x + self.pos_emb(positions)
-        else:
-            rope = rope_angles(positions, self.config.head_dim, self.config.rope_theta)
+            grid = self.config.image_grid
+            carry = kv_cache.next_cell if kv_cache is not None and start_pos > 0 else None
+            cells, next_cell = image_cells(ids, self.config.image_offset, grid * grid, carry)
+            if kv_cache is not None:
+                kv_cache.next_cell = next_cell
+        x, rope = self.embed(ids, positions, cells)
         mask = None if key_padding is None else padded_causal_mask(T, key_padding)
         for block in self.blocks:
             x = block(x, rope, kv_cache, start_pos, mask)
-        weight = self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(self.norm(x), weight).float()
+        return x
 
-    def _grid_embedding(self, ids: torch.Tensor, kv_cache: KVCache | None, start_pos: int) -> torch.Tensor:
-        """Row + column embedding of each image token's grid cell (0 on every other token)."""
-        grid = self.config.image_grid
-        carry = kv_cache.next_cell if kv_cache is not None and start_pos > 0 else None
-        cell, next_cell = image_cells(ids, self.config.image_offset, grid * grid, carry)
-        if kv_cache is not None:
-            kv_cache.next_cell = next_cell
-        on_grid = cell >= 0
-        cell = cell.clamp(min=0)
-        return (self.row_emb(cell // grid) + self.col_emb(cell % grid)) * on_grid[..., None]
+    def embed(self, ids: torch.Tensor, positions: torch.Tensor, cells: torch.Tensor | None = None
+              ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+        """Input of the first block for ids [B, T] at positions [T] or [B, T]: token (+ learned position) (+ grid)
+        embeddings, and the RoPE angles the blocks rotate by (None with learned positions). `cells` [B, T] is each
+        image token's grid cell (-1: none), required when the model has grid embeddings."""
+        x = self.tok_emb(ids)
+        if self.row_emb is not None:
+            grid = self.config.image_grid
+            on_grid = cells >= 0
+            cell = cells.clamp(min=0)
+            x = x + (self.row_emb(cell // grid) + self.col_emb(cell % grid)) * on_grid[..., None]
+        if self.pos_emb is not None:
+            return x + self.pos_emb(positions), None
+        return x, rope_angles(positions, self.config.head_dim, self.config.rope_theta)
+
+    def head(self, x: torch.Tensor, vocab: slice = slice(None)) -> torch.Tensor:
+        """Final norm and output projection -> float32 logits over the ids in `vocab` (default: all), so that
+        decoding inside an image computes only the image-code columns."""
+        weight = self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(self.norm(x), weight[vocab]).float()
 
     def new_kv_cache(self, batch: int, max_len: int | None = None) -> KVCache:
         """An empty cache in this model's dtype and device, for up to max_len (default max_seq_len) positions."""

@@ -9,21 +9,24 @@ import torch
 
 from cm3.model.config import CM3Config
 from cm3.model.decoder import CM3
+from cm3.model.engine import left_pad
 from cm3.model.generation import (
-    SamplingConfig,
-    apply_guidance,
     caption_image,
-    cd_k_scores,
     generate_image_tokens,
     generate_text,
     image_prompt,
-    left_pad,
     rerank_by_clip,
+    text_to_image,
+    unconditional_prompt,
+)
+from cm3.model.sampling import (
+    SamplingConfig,
+    apply_guidance,
+    cd_k_scores,
+    exponential_noise,
     restrict_to,
     sample,
-    text_to_image,
     top_p_filter,
-    unconditional_prompt,
 )
 from cm3.tokenizers.multimodal import MultimodalTokenizer
 from cm3.tokenizers.text import TextTokenizer
@@ -112,9 +115,24 @@ def test_cd_k_plausibility_set_uses_the_kth_largest_expert_probability():
 def test_restrict_to_and_sample_never_leave_the_allowed_set():
     logits = torch.zeros(64, 10)
     allowed = torch.tensor([False, True, False, True] + [False] * 6)
-    generator = torch.Generator().manual_seed(0)
-    drawn = sample(restrict_to(logits, allowed), 1.0, generator)
+    noise = exponential_noise(torch.zeros(64, dtype=torch.long), torch.arange(64), 0, 10)
+    drawn = sample(restrict_to(logits, allowed), noise)
     assert set(drawn.tolist()) == {1, 3}
+
+
+def test_exponential_noise_is_a_function_of_seed_sample_and_step():
+    seeds, samples = torch.tensor([0, 0, 1, 2**32 - 1]), torch.tensor([0, 1, 0, 0])
+    noise = exponential_noise(seeds, samples, 3, 5000)
+    assert torch.equal(noise, exponential_noise(seeds, samples, torch.tensor(3), 5000))
+    assert torch.equal(noise[1:2], exponential_noise(seeds[1:2], samples[1:2], 3, 5000))  # rows are independent
+    assert not torch.equal(noise, exponential_noise(seeds, samples, 4, 5000))
+    assert len({tuple(row[:8].tolist()) for row in noise}) == 4  # every (seed, sample) its own stream
+    assert (noise > 0).all() and abs(noise.mean().item() - 1.0) < 0.03 and abs(noise.var().item() - 1.0) < 0.1
+    # the race picks token j with probability p_j
+    probs = torch.tensor([0.5, 0.3, 0.2])
+    race = exponential_noise(torch.zeros(20000, dtype=torch.long), torch.arange(20000), 0, 3)
+    picks = (probs / race).argmax(-1).bincount(minlength=3) / 20000
+    assert torch.allclose(picks, probs, atol=0.015)
 
 
 def test_sampling_config_rejects_unknown_methods():
@@ -134,12 +152,12 @@ def test_guidance_scale_one_equals_plain_conditional_sampling(model):
     # (padding hidden from attention), full forward every step (no cache)
     length = max(len(p) for p in [*prompts, unconditional_prompt(VOCAB)])
     seq = left_pad([[VOCAB.pad] * (length - len(p)) + p for p in prompts], VOCAB.pad)
-    generator = torch.Generator().manual_seed(3)
-    lo = VOCAB.image_offset
+    lo, rows = VOCAB.image_offset, torch.arange(len(prompts))
     with torch.no_grad():
-        for _ in range(12):
+        for step in range(12):
             logits = model(seq, key_padding=seq == VOCAB.pad)[:, -1, lo:]
-            token = sample(top_p_filter(logits / 0.8, 0.9), 1.0, generator) + lo
+            noise = exponential_noise(torch.full_like(rows, 3), rows, step, logits.shape[-1])
+            token = sample(top_p_filter(logits / 0.8, 0.9), noise) + lo
             seq = torch.cat([seq, token[:, None]], dim=1)
     assert torch.equal(ours, seq[:, length:])
     guided = generate_image_tokens(model, VOCAB, prompts, 12, SamplingConfig(guidance_scale=3.0, seed=3))
