@@ -10,8 +10,8 @@ that runs per token inside one step function over buffers allocated once:
   only, the rows then tiled from it; prompts of different lengths (retrieved documents) are left-padded, each
   row's pads hidden from attention and its positions counted from its first real token;
 - the step: embed the previous code (its position and image-grid cell), the blocks, the output head over the
-  image codes only, CFG / temperature / top-p / CD-K / greedy per row (`sampling.choose_codes`, with
-  counter-based noise), the code written to an output buffer; `torch.compile(fullgraph=True)` and, on CUDA,
+  image codes only, CFG / temperature / top-p / CD-K / greedy per row (`sampling.choose_codes`, reading the
+  call's counter-based draws, made at prefill), the code written to an output buffer; `torch.compile(fullgraph=True)` and, on CUDA,
   captured with `torch.cuda.graph` and replayed; one host read at the end.
 
 "Same samples" means the same codes for the same seed and settings: the step compiled or captured gives the
@@ -29,7 +29,8 @@ from dataclasses import dataclass, field
 import torch
 
 from cm3.model.decoder import CM3
-from cm3.model.sampling import ROW_METHODS, RowSampling, SamplingConfig, choose_codes, row_sampling
+from cm3.model.sampling import (ROW_METHODS, RowSampling, SamplingConfig, choose_codes, exponential_noise,
+                                row_sampling)
 from cm3.tokenizers.vocabulary import Vocabulary
 
 
@@ -77,17 +78,17 @@ class ImageSample:
 @dataclass
 class _CacheWindow:
     """What each block's attention sees during a step: it writes its new key/value at `position` (a tensor [1])
-    and reads positions [0, window) of its layer."""
+    into its layer's buffer and reads positions [0, window) of it."""
 
-    keys: torch.Tensor
-    values: torch.Tensor
+    keys: list[torch.Tensor]  # per layer [2B, heads, max_len + 1, head_dim]: separate buffers, so that a compiled
+    values: list[torch.Tensor]  # step writes each in place (a view of one big buffer would be rewritten whole)
     window: int | torch.SymInt
 
     def update(self, layer: int, position: torch.Tensor, k: torch.Tensor, v: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor]:
         self.keys[layer].index_copy_(2, position, k)
         self.values[layer].index_copy_(2, position, v)
-        return self.keys[layer, :, :, :self.window], self.values[layer, :, :, :self.window]
+        return self.keys[layer][:, :, :self.window], self.values[layer][:, :, :self.window]
 
 
 @dataclass
@@ -100,8 +101,9 @@ class _State:
     cell0: torch.Tensor  # [2B] grid cell of the first image token (-1: none)
     last: torch.Tensor  # [B] the codes sampled last (image-relative)
     out: torch.Tensor  # [B, tokens]
+    noise: torch.Tensor  # [tokens, B, image codes]: every draw of the call, made at prefill
     rows: RowSampling
-    key_positions: torch.Tensor  # arange(max_len): sliced to the window each step
+    key_positions: torch.Tensor  # arange(max_len + 1): sliced to the window each step
     graphs: dict = field(default_factory=dict)
 
 
@@ -132,15 +134,20 @@ class ImageEngine:
         if self.cuda_graphs and device.type != "cuda":
             raise ValueError("cuda_graphs needs the model on a CUDA device")
         self.compiled = compile
-        cache = model.new_kv_cache(2 * rows, max_len)  # the decoder owns the cache's shape and dtype
-        self.keys, self.values = cache.keys, cache.values
+        layout = model.new_kv_cache(2 * rows, 1).keys[0]  # the decoder owns the cache's shape and dtype
+        # one position more than a window reaches: a window as long as the buffer would be a no-op slice, which a
+        # compiled step specialises on (a second compilation)
+        shape = (*layout.shape[:2], max_len + 1, layout.shape[3])
+        self.keys = [layout.new_zeros(shape) for _ in range(config.n_layers)]
+        self.values = [layout.new_zeros(shape) for _ in range(config.n_layers)]
         long = dict(dtype=torch.long, device=device)
         self.state = _State(
             step=torch.zeros((), **long), write_base=torch.zeros((), **long),
             pads=torch.zeros(2 * rows, **long), cell0=torch.full((2 * rows,), -1, **long),
             last=torch.zeros(rows, **long), out=torch.zeros(rows, tokens, **long),
+            noise=torch.ones(tokens, rows, self.images.stop - self.images.start, device=device),
             rows=row_sampling([SamplingConfig(seed=0, cd_k=cd_k)] * rows, ["top_p"] * rows, [0] * rows, device),
-            key_positions=torch.arange(max_len, device=device))
+            key_positions=torch.arange(max_len + 1, device=device))
         self._step_fn = torch.compile(self._step, fullgraph=True, dynamic=False) if compile else self._step
         self._pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None
         self._lock = threading.Lock()
@@ -182,17 +189,21 @@ class ImageEngine:
         logits = model.head(hidden[:, -1], self.images)
         source = [prompts.index(s.prompt) for s in samples] + [0] * B  # cond rows, then the uncond twins
         index = torch.tensor(source, device=self.device)
-        self.keys[:, :, :, :prompt_len].copy_(cache.keys.index_select(1, index))
-        self.values[:, :, :, :prompt_len].copy_(cache.values.index_select(1, index))
+        for layer in range(len(self.keys)):
+            self.keys[layer][:, :, :prompt_len].copy_(cache.keys[layer].index_select(0, index))
+            self.values[layer][:, :, :prompt_len].copy_(cache.values[layer].index_select(0, index))
         state.pads.copy_(torch.tensor([prompt_len - len(prompts[i]) for i in source]))
         state.cell0.copy_(cache.next_cell.index_select(0, index))
         fresh = row_sampling([s.sampling for s in samples], [s.method or s.sampling.method for s in samples],
                              [s.index for s in samples], self.device)
         for name in ("seeds", "samples", "guidance", "temperature", "top_p", "cd_alpha", "use_cd", "greedy"):
             getattr(state.rows, name).copy_(getattr(fresh, name))
+        for start in range(0, self.tokens, 64):  # in chunks: the hash's int64 temporaries are 6x the table
+            steps = torch.arange(start, min(start + 64, self.tokens), device=self.device)
+            state.noise[start:start + 64] = exponential_noise(fresh.seeds, fresh.samples, steps, logits.shape[-1])
         state.write_base.fill_(prompt_len - 1)
         state.step.fill_(1)
-        codes = choose_codes(logits[index[:B]], logits[:1].expand(B, -1), state.rows, 0)
+        codes = choose_codes(logits[index[:B]], logits[:1].expand(B, -1), state.rows, state.noise[0])
         state.out[:, 0] = codes
         state.last.copy_(codes)
         return prompt_len
@@ -241,7 +252,7 @@ class ImageEngine:
         for block in model.blocks:
             x = block(x, rope, cache, position, mask)
         logits = model.head(x[:, -1], self.images)
-        chosen = choose_codes(logits[:B], logits[B:], state.rows, t)
+        chosen = choose_codes(logits[:B], logits[B:], state.rows, state.noise.index_select(0, t.view(1))[0])
         state.out.index_copy_(1, t.view(1), chosen[:, None])
         state.last.copy_(chosen)
         state.step.add_(1)

@@ -7,7 +7,8 @@ the decode engine runs these rules inside its compiled, graph-captured step.
 
 The draws are counter-based: the noise of row (seed, sample) at step t is a hash of those integers, not the
 state of a torch.Generator. So a sample does not depend on which other rows share its batch, on the device, or
-on whether the step is compiled; "the same seed gives the same codes" means exactly that.
+on whether the step is compiled; "the same seed gives the same codes" means exactly that. (The engine computes
+a call's draws before its decode loop: inductor takes minutes over the hash's chain of integer operations.)
 """
 
 from __future__ import annotations
@@ -98,12 +99,17 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
-def exponential_noise(seeds: torch.Tensor, samples: torch.Tensor, step: torch.Tensor | int, size: int) -> torch.Tensor:
-    """Exp(1) draws [B, size], float32, a pure function of (seed, sample, step, column) per row: seeds and samples
-    are int64 [B] in [0, 2**32), step a 0-d tensor or an int."""
-    key = _mix32(_mix32(_mix32(seeds & _MASK32) ^ samples) ^ step)
+def exponential_noise(seeds: torch.Tensor, samples: torch.Tensor, steps: torch.Tensor | int, size: int
+                      ) -> torch.Tensor:
+    """Exp(1) draws, float32, a pure function of (seed, sample, step, column) per row: seeds and samples are int64
+    [B] in [0, 2**32); steps an int ([B, size] out) or an int64 tensor [T] ([T, B, size] out)."""
+    row = _mix32(_mix32(seeds & _MASK32) ^ samples)
+    if isinstance(steps, torch.Tensor):
+        key = _mix32(row[None, :] ^ steps[:, None])
+    else:
+        key = _mix32(row ^ steps)
     columns = torch.arange(size, device=seeds.device)
-    bits = _mix32(_mix32(key[:, None] ^ columns))
+    bits = _mix32(_mix32(key[..., None] ^ columns))
     uniform = ((bits >> 8).float() + 0.5) * 2.0**-24  # 24 bits, strictly inside (0, 1)
     return -uniform.log()
 
@@ -152,13 +158,13 @@ def row_sampling(configs: list[SamplingConfig], methods: list[str], samples: lis
         cd_k=configs[0].cd_k if configs else 5)
 
 
-def choose_codes(cond: torch.Tensor, uncond: torch.Tensor, rows: RowSampling, step: torch.Tensor | int) -> torch.Tensor:
-    """Next token per row [B] from the conditional and unconditional logits [B, V]: CFG then temperature then
-    top-p; CD-K (over temperature) on rows with use_cd; the guided argmax on greedy rows."""
+def choose_codes(cond: torch.Tensor, uncond: torch.Tensor, rows: RowSampling, noise: torch.Tensor) -> torch.Tensor:
+    """Next token per row [B] from the conditional and unconditional logits [B, V] and this step's draws [B, V]
+    (`exponential_noise`): CFG then temperature then top-p; CD-K (over temperature) on rows with use_cd; the
+    guided argmax on greedy rows."""
     column = lambda t: t[:, None]  # noqa: E731
     guided = top_p_filter(apply_guidance(cond, uncond, column(rows.guidance)) / column(rows.temperature),
                           column(rows.top_p))
     contrast = cd_k_scores(cond, uncond, column(rows.cd_alpha), rows.cd_k) / column(rows.temperature)
     scores = torch.where(column(rows.use_cd), contrast, guided)
-    noise = exponential_noise(rows.seeds, rows.samples, step, cond.shape[-1])
     return sample(scores, torch.where(column(rows.greedy), 1.0, noise))

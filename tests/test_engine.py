@@ -12,7 +12,7 @@ from cm3.model.config import CM3Config
 from cm3.model.decoder import CM3
 from cm3.model.engine import ImageEngine, ImageSample, left_pad, quantize_int8
 from cm3.model.generation import image_prompt, unconditional_prompt
-from cm3.model.sampling import SamplingConfig, choose_codes, row_sampling
+from cm3.model.sampling import SamplingConfig, choose_codes, exponential_noise, row_sampling
 from cm3.tokenizers.vocabulary import Vocabulary
 
 VOCAB = Vocabulary(text_vocab_size=50, image_vocab_size=16, num_sentinels=8, num_task_tokens=2)
@@ -71,7 +71,7 @@ def reference_codes(model: CM3, samples: list[ImageSample], tokens: int = TOKENS
         for step in range(tokens):
             padding = torch.cat([pads, pads.new_zeros(2 * B, step)], dim=1)
             logits = model(seq, key_padding=padding)[:, -1, lo:]
-            code = choose_codes(logits[:B], logits[B:], rows, step)
+            code = choose_codes(logits[:B], logits[B:], rows, exponential_noise(rows.seeds, rows.samples, step, 16))
             codes.append(code + lo)
             seq = torch.cat([seq, (code + lo).repeat(2)[:, None]], dim=1)
     return torch.stack(codes, dim=1)

@@ -64,10 +64,13 @@ def generate(
     cd_alpha: float = typer.Option(0.1, help="CD-K plausibility cut-off alpha."),
     cd_k: int = typer.Option(5, help="CD-K: compare with the k-th largest expert probability."),
     seed: int = typer.Option(0, help="Sampling seed."),
-    index: Optional[Path] = typer.Option(None, help="Retrieve documents for the prompt from this index and prepend them."),
+    index: Optional[Path] = typer.Option(None, help="Retrieve documents for the prompt and prepend them."),
     retrieved: int = typer.Option(2, min=0, help="With --index: how many documents to prepend."),
     rerank: bool = typer.Option(False, "--rerank", help="Order the N images by CLIP score (the index's CLIP model)."),
     device: str = typer.Option("cpu", help="cpu or cuda."),
+    compile: Optional[bool] = typer.Option(None, "--compile/--no-compile",
+                                           help="Compile the decode step (default: on CUDA only)."),
+    int8: bool = typer.Option(False, "--int8", help="int8 weight-only linear layers (torchao)."),
 ) -> None:
     """Text to image: sample N images for a prompt with CFG and top-p or CD-K, save a PNG grid.
 
@@ -79,22 +82,31 @@ def generate(
 
       cm3 generate "a green circle" --checkpoint ckpt/sft --index data/index -n 8 --rerank
     """
+    import torch
+
     from cm3.model.checkpoint import load_checkpoint
-    from cm3.model.generation import rerank_by_clip, text_to_image
+    from cm3.model.engine import ImageEngine, quantize_int8
+    from cm3.model.generation import rerank_by_clip, text_to_image, unconditional_prompt
     from cm3.workflows.report import image_grid, to_pil
 
     sampling = _sampling("top_p" if method == "mix" else method, guidance, temperature, top_p, cd_alpha, cd_k, seed)
     if rerank and index is None:
         fail("--rerank scores with the CLIP model of an index: give --index too")
     try:
-        model, tokenizer = load_checkpoint(checkpoint, device=device)
+        cuda = device.startswith("cuda")
+        model, tokenizer = load_checkpoint(checkpoint, device=device, dtype=torch.bfloat16 if cuda else None)
+        if int8:
+            quantize_int8(model)
+        engine = ImageEngine(model, tokenizer.vocab, unconditional_prompt(tokenizer.vocab), tokenizer.tokens_per_image,
+                             n, compile=cuda if compile is None else compile, cd_k=cd_k)
         retriever = None
         if index is not None:
             from cm3.index.query import Retriever
 
             retriever = Retriever(index)
         docs = retriever.for_text(prompt, retrieved) if retriever is not None and retrieved else None
-        images, _ = text_to_image(model, tokenizer, prompt, n, sampling, retrieved=docs, mix=method == "mix")
+        images, _ = text_to_image(model, tokenizer, prompt, n, sampling, retrieved=docs, mix=method == "mix",
+                                  engine=engine)
     except (FileNotFoundError, ValueError, InputError) as err:
         fail(str(err))
     pictures = [to_pil(image) for image in images]
@@ -147,3 +159,55 @@ def caption(
         fail(str(err))
     for path, answer in zip(images, answers):
         typer.echo(f"{path}\t{answer}")
+
+
+def serve_command(
+    checkpoint: Path = typer.Argument(..., help="Checkpoint folder (decoder + tokenizer), readable by every replica."),
+    host: str = typer.Option("127.0.0.1", help="Address the HTTP proxy listens on (0.0.0.0: every interface)."),
+    port: int = typer.Option(8000, min=1, max=65535, help="HTTP port."),
+    ray_address: Optional[str] = typer.Option(None, help="Join this Ray cluster (host:port or auto) instead of "
+                                                         "starting a local one."),
+    replicas: int = typer.Option(1, min=1, help="Model replicas (one GPU each when the cluster has GPUs)."),
+    device: str = typer.Option("auto", help="auto (GPU when the cluster has one), cpu or cuda."),
+    compile: Optional[bool] = typer.Option(None, "--compile/--no-compile",
+                                           help="Compile the decode step (default: on CUDA only)."),
+    int8: bool = typer.Option(False, "--int8", help="int8 weight-only linear layers (torchao)."),
+    max_batch_images: int = typer.Option(16, min=1, help="Images decoded together; also the largest n."),
+    batch_wait_ms: float = typer.Option(20.0, min=0, help="How long a batch waits to fill."),
+    max_queued: int = typer.Option(64, min=1, help="Requests queued beyond the replicas' before 503."),
+    max_body_bytes: int = typer.Option(4 * 2**20, min=1024, help="Largest request body (413 beyond)."),
+    index: Optional[Path] = typer.Option(None, help="A cm3 build-index folder: requests may ask for retrieved docs."),
+) -> None:
+    """Serve text -> image and captioning over HTTP JSON on Ray Serve, with dynamic batching.
+
+    POST /generate, POST /caption, GET /health (see docs/serving.md). Stops on Ctrl-C or SIGTERM, taking down
+    the local Ray it started (a joined cluster keeps running; only this application is removed).
+
+    Examples:
+
+      cm3 serve ckpt/sft
+
+      cm3 serve ckpt/sft --host 0.0.0.0 --port 8080 --ray-address 10.0.0.1:6379 --replicas 4
+    """
+    import signal
+    import threading
+
+    from cm3.model.checkpoint import MARKER
+    from cm3.workflows.serve import ServeOptions, run
+
+    if not (checkpoint / MARKER).is_file():
+        fail(f"{checkpoint}: not a cm3 checkpoint ({MARKER} is missing)")
+    if device not in ("auto", "cpu") and not device.startswith("cuda"):
+        fail(f"--device {device!r}: expected auto, cpu or cuda")
+    if index is not None and not index.is_dir():
+        fail(f"--index {index}: no such folder")
+    options = ServeOptions(str(checkpoint), host=host, port=port, ray_address=ray_address, replicas=replicas,
+                           device=device, compile=compile, int8=int8, max_batch_images=max_batch_images,
+                           batch_wait_ms=batch_wait_ms, max_queued_requests=max_queued,
+                           max_body_bytes=max_body_bytes, index=None if index is None else str(index))
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    run(options, stop, ready=lambda: typer.echo(f"cm3 serve: http://{host}:{port} (POST /generate, POST /caption, "
+                                                f"GET /health); Ctrl-C stops", err=True))
+    typer.echo("cm3 serve: stopped", err=True)
