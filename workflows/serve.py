@@ -30,7 +30,7 @@ from ray import serve
 from typing import Literal
 
 APP_NAME = "cm3"
-GENERATE_METHODS = ("top_p", "cd_k", "mix")
+MAX_CAPTION_TOKENS = 32
 
 
 @dataclass
@@ -158,6 +158,11 @@ def _images_in(jobs: list[_Job]) -> int:
     return sum(job.n for job in jobs)
 
 
+def _error(err: RequestError) -> JSONResponse:
+    # defined before the deployment class: Serve pickles the class with the globals it sees at decoration time
+    return JSONResponse({"error": str(err), "field": err.field}, status_code=err.status)
+
+
 @serve.deployment(name="CM3")
 @serve.ingress(http)
 class CM3Service:
@@ -212,9 +217,14 @@ class CM3Service:
         try:
             body = parse(CaptionRequest, await read_body(request, self.options.max_body_bytes))
             image = decode_image_field(body.image, self.tokenizer.vq.config.resolution)
+            question = len(self.tokenizer.encode_caption(body.question)) if body.question else 0
+            room = self.model.config.max_seq_len - (self.tokenizer.tokens_per_image + 2 + question)
+            if room < 1:
+                raise RequestError(422, "question", f"takes {question} tokens; the context leaves room for "
+                                                    f"{question + room - 1}")
         except RequestError as err:
             return _error(err)
-        caption = await asyncio.to_thread(self._caption, image, body.question)
+        caption = await asyncio.to_thread(self._caption, image, body.question, min(MAX_CAPTION_TOKENS, room))
         return JSONResponse({"caption": caption})
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.02, batch_size_fn=_images_in)
@@ -231,7 +241,7 @@ class CM3Service:
         if not 1 <= request.n <= limit:
             raise RequestError(422, "n", f"must be between 1 and {limit} (this server's max_batch_images)")
         if request.retrieved and self.retriever is None:
-            raise RequestError(422, "retrieved", "this server has no index (start it with --index) ")
+            raise RequestError(422, "retrieved", "this server has no index (start it with --index)")
         if request.retrieved > self.options.max_retrieved:
             raise RequestError(422, "retrieved", f"must be at most {self.options.max_retrieved}")
         tokenizer = self.tokenizer
@@ -244,7 +254,7 @@ class CM3Service:
         if len(prompt) > room:
             without_docs = len(prompt) - sum(len(doc) + 1 for doc in docs)
             field = "retrieved" if request.retrieved and without_docs <= room else "prompt"
-            raise RequestError(422, field, f"the prompt takes {len(prompt)} tokens; the context leaves room for "
+            raise RequestError(422, field, f"the prompt takes {len(prompt)} tokens, the context leaves room for "
                                            f"{room} before the {self.engine.tokens} image tokens")
         method = "top_p" if request.method == "mix" else request.method
         sampling = seeded(SamplingConfig(temperature=request.temperature, guidance_scale=request.guidance,
@@ -262,15 +272,12 @@ class CM3Service:
             images = self.tokenizer.decode_image(ids.cpu()).cpu()
         return list(images.split([job.n for job in jobs]))
 
-    def _caption(self, image, question: str | None) -> str:
+    def _caption(self, image, question: str | None, max_new_tokens: int) -> str:
         from cm3.model.generation import caption_image
 
         with self.model_lock:
-            return caption_image(self.model, self.tokenizer, image.to(self.engine.device), question=question)[0]
-
-
-def _error(err: RequestError) -> JSONResponse:
-    return JSONResponse({"error": str(err), "field": err.field}, status_code=err.status)
+            return caption_image(self.model, self.tokenizer, image.to(self.engine.device), question=question,
+                                 max_new_tokens=max_new_tokens)[0]
 
 
 def build_app(options: ServeOptions, gpus_per_replica: float):
@@ -293,7 +300,7 @@ def run(options: ServeOptions, stop: threading.Event, ready=None) -> None:
     checkpoint = Path(options.checkpoint)
     options.checkpoint = str(checkpoint.resolve())
     owns_ray = options.ray_address is None and not ray.is_initialized()
-    connect(options.ray_address, quiet=True)
+    connect(options.ray_address, quiet=True, dashboard=False)  # a server needs no dashboard; it is slow to start
     try:
         gpus = ray.cluster_resources().get("GPU", 0)
         if options.device == "auto":
