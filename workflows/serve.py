@@ -297,11 +297,10 @@ def run(options: ServeOptions, stop: threading.Event, ready=None) -> None:
 
     from cm3.workflows.ray_session import connect
 
-    checkpoint = Path(options.checkpoint)
-    options.checkpoint = str(checkpoint.resolve())
+    options.checkpoint = str(Path(options.checkpoint).resolve())
     owns_ray = options.ray_address is None and not ray.is_initialized()
-    connect(options.ray_address, quiet=True, dashboard=False)  # a server needs no dashboard; it is slow to start
     try:
+        connect(options.ray_address, quiet=True, dashboard=False)  # a server needs no dashboard (slow to start)
         gpus = ray.cluster_resources().get("GPU", 0)
         if options.device == "auto":
             options.device = "cuda" if gpus >= 1 else "cpu"
@@ -312,9 +311,9 @@ def run(options: ServeOptions, stop: threading.Event, ready=None) -> None:
             ready()
         stop.wait()
     finally:
-        if owns_ray:
-            serve.shutdown()
-            ray.shutdown()
-        else:
-            serve.delete(APP_NAME)
-            ray.shutdown()
+        if ray.is_initialized():
+            if owns_ray:
+                serve.shutdown()
+            else:
+                serve.delete(APP_NAME)
+        ray.shutdown()  # a local Ray started by connect() goes with it; a joined cluster is only disconnected

@@ -43,7 +43,7 @@ def model_init(
 
 
 def _sampling(method: str, guidance: float, temperature: float, top_p: float, cd_alpha: float, cd_k: int, seed: int):
-    from cm3.model.generation import SamplingConfig
+    from cm3.model.sampling import SamplingConfig
 
     try:
         return SamplingConfig(temperature=temperature, top_p=top_p, guidance_scale=guidance, method=method,
@@ -205,9 +205,23 @@ def serve_command(
                            device=device, compile=compile, int8=int8, max_batch_images=max_batch_images,
                            batch_wait_ms=batch_wait_ms, max_queued_requests=max_queued,
                            max_body_bytes=max_body_bytes, index=None if index is None else str(index))
-    stop = threading.Event()
+    stop, serving = threading.Event(), threading.Event()
+
+    def on_signal(*_) -> None:
+        stop.set()
+        if not serving.is_set():  # still starting: interrupt it (run() then takes down what it started)
+            raise KeyboardInterrupt
+
     for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: stop.set())
-    run(options, stop, ready=lambda: typer.echo(f"cm3 serve: http://{host}:{port} (POST /generate, POST /caption, "
-                                                f"GET /health); Ctrl-C stops", err=True))
+        signal.signal(signum, on_signal)
+
+    def ready() -> None:
+        serving.set()
+        typer.echo(f"cm3 serve: http://{host}:{port} (POST /generate, POST /caption, GET /health); Ctrl-C stops",
+                   err=True)
+
+    try:
+        run(options, stop, ready=ready)
+    except KeyboardInterrupt:
+        fail("stopped while starting", code=130)
     typer.echo("cm3 serve: stopped", err=True)

@@ -242,7 +242,8 @@ def evaluate_stage(workdir: Path, checkpoint: Path, index: Path, augmented: Path
     instruction-tuned decoder; ``pretrained``, when given, also gets the image-loss figures)."""
     from cm3.index.query import Retriever
     from cm3.model.checkpoint import load_checkpoint
-    from cm3.model.generation import SamplingConfig, caption_image, text_to_image
+    from cm3.model.generation import caption_image, text_to_image
+    from cm3.model.sampling import SamplingConfig
     from cm3.model.sft_tasks import TEMPLATES
     from cm3.workflows.demo import evaluate
     from cm3.workflows.demo.shapes import spec_for
