@@ -1,6 +1,6 @@
 """The decode engine: text -> image tokens with classifier-free guidance, one fixed-shape step per token.
 
-Today's eager loop spent its time in Python and kernel launches, not in the GPU. The engine keeps everything
+The eager loop it replaced spent its time in Python and kernel launches, not in the GPU. The engine keeps everything
 that runs per token inside one step function over buffers allocated once:
 
 - a static KV cache (conditional rows, then their unconditional twins) written at a tensor position with
@@ -11,8 +11,9 @@ that runs per token inside one step function over buffers allocated once:
   row's pads hidden from attention and its positions counted from its first real token;
 - the step: embed the previous code (its position and image-grid cell), the blocks, the output head over the
   image codes only, CFG / temperature / top-p / CD-K / greedy per row (`sampling.choose_codes`, reading the
-  call's counter-based draws, made at prefill), the code written to an output buffer; `torch.compile(fullgraph=True)` and, on CUDA,
-  captured with `torch.cuda.graph` and replayed; one host read at the end.
+  call's counter-based draws, made at prefill), the code written to an output buffer;
+  `torch.compile(fullgraph=True)` and, on CUDA, captured with `torch.cuda.graph` and replayed; one host read at
+  the end.
 
 "Same samples" means the same codes for the same seed and settings: the step compiled or captured gives the
 codes of the step run eagerly (tests/test_engine.py checks it under inductor on the CPU), and a row's codes

@@ -88,6 +88,7 @@ def test_eager_engine_equals_the_no_cache_reference(positions, grid):
     assert VOCAB.is_image(codes.numpy()).all() and codes.shape == (4, TOKENS)
 
 
+@pytest.mark.slow  # one inductor compilation each (about 30 s of CPU)
 @pytest.mark.parametrize("positions, grid", MODELS)
 def test_compiled_step_gives_the_eager_codes(positions, grid):
     """Same seed and settings -> the same codes, for CFG + top-p, CD-K, greedy and no guidance side by side, with

@@ -99,6 +99,7 @@ def png(payload: str) -> Image.Image:
     return image
 
 
+@pytest.mark.slow  # two Ray clusters and a Serve application
 def test_cm3_serve_batches_refuses_bad_requests_and_shuts_down_its_own_ray(checkpoint, monkeypatch):
     monkeypatch.setenv("RAY_raylet_start_wait_time_s", "300")  # Ray's 60 s is short on a busy 2-core machine
     marker = f"{MARKER}={os.getpid()}-{time.time_ns()}"
