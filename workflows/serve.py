@@ -22,12 +22,12 @@ import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Literal
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ray import serve
-from typing import Literal
 
 APP_NAME = "cm3"
 MAX_CAPTION_TOKENS = 32
@@ -35,7 +35,7 @@ MAX_CAPTION_TOKENS = 32
 
 @dataclass
 class ServeOptions:
-    """Everything `cm3 serve` passes to its replicas (the CLI takes its defaults from here)."""
+    """Everything `cm3 serve` passes to its replicas (plain values: the options travel to them as a dict)."""
 
     checkpoint: str
     host: str = "127.0.0.1"
