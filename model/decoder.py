@@ -332,6 +332,16 @@ class CM3(nn.Module):
         elif caption is not None:
             raise ValueError(f"a second argument (caption ids) goes with an image batch [B, 3, H, W] as the first; "
                              f"got ids of dtype {ids.dtype}")
+        x = self.hidden(ids, kv_cache=kv_cache, start_pos=start_pos, key_padding=key_padding)
+        if targets is not None:
+            weights = torch.ones_like(targets, dtype=torch.float32) if loss_weights is None else loss_weights
+            return linear_cross_entropy(self.norm(x), self.output_weight(), targets, weights, kernel=self.loss_kernel)
+        return self.head(x)
+
+    def hidden(self, ids: torch.Tensor, *, kv_cache: KVCache | None = None, start_pos: int = 0,
+               key_padding: torch.Tensor | None = None) -> torch.Tensor:
+        """`forward` without the output head: the last block's output [B, T, d_model] (prefill takes the head
+        of the last position only)."""
         T = ids.shape[1]
         if start_pos + T > self.config.max_seq_len:
             raise ValueError(f"positions up to {start_pos + T} exceed max_seq_len {self.config.max_seq_len}")
@@ -340,35 +350,46 @@ class CM3(nn.Module):
         positions = torch.arange(start_pos, start_pos + T, device=ids.device)
         if key_padding is not None:  # per-row positions counted from the first real token
             positions = (positions[None, :] - key_padding.sum(dim=1, keepdim=True)).clamp(min=0)
-        x = self.tok_emb(ids)
+        cells = None
         if self.row_emb is not None:
-            x = x + self._grid_embedding(ids, kv_cache, start_pos)
-        rope = None
-        if self.pos_emb is not None:
-            x = x + self.pos_emb(positions)
-        else:
-            rope = rope_angles(positions, self.config.head_dim, self.config.rope_theta)
+            grid = self.config.image_grid
+            carry = kv_cache.next_cell if kv_cache is not None and start_pos > 0 else None
+            cells, next_cell = image_cells(ids, self.config.image_offset, grid * grid, carry)
+            if kv_cache is not None:
+                kv_cache.next_cell = next_cell
+        x, rope = self.embed(ids, positions, cells)
         mask = None if key_padding is None else padded_causal_mask(T, key_padding)
         for block in self.blocks:
             x = block(x, rope, kv_cache, start_pos, mask)
+        return x
+
+    def embed(self, ids: torch.Tensor, positions: torch.Tensor, cells: torch.Tensor | None = None
+              ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+        """Input of the first block for ids [B, T] at positions [T] or [B, T]: token (+ learned position) (+ grid)
+        embeddings, and the RoPE angles the blocks rotate by (None with learned positions). `cells` [B, T] is each
+        image token's grid cell (-1: none), required when the model has grid embeddings."""
+        x = self.tok_emb(ids)
+        if self.row_emb is not None:
+            grid = self.config.image_grid
+            on_grid = cells >= 0
+            cell = cells.clamp(min=0)
+            x = x + (self.row_emb(cell // grid) + self.col_emb(cell % grid)) * on_grid[..., None]
+        if self.pos_emb is not None:
+            return x + self.pos_emb(positions), None
+        return x, rope_angles(positions, self.config.head_dim, self.config.rope_theta)
+
+    def output_weight(self) -> torch.Tensor:
+        """The output projection [vocab, d_model]: the token embedding when tied. With `head_rows` set, the other
+        rows are detached, so only those rows get gradients."""
         weight = self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
         if self.head_rows is not None:
             weight = torch.where(self.head_rows.to(weight.device)[:, None], weight, weight.detach())
-        if targets is not None:
-            weights = torch.ones_like(targets, dtype=torch.float32) if loss_weights is None else loss_weights
-            return linear_cross_entropy(self.norm(x), weight, targets, weights, kernel=self.loss_kernel)
-        return F.linear(self.norm(x), weight).float()
+        return weight
 
-    def _grid_embedding(self, ids: torch.Tensor, kv_cache: KVCache | None, start_pos: int) -> torch.Tensor:
-        """Row + column embedding of each image token's grid cell (0 on every other token)."""
-        grid = self.config.image_grid
-        carry = kv_cache.next_cell if kv_cache is not None and start_pos > 0 else None
-        cell, next_cell = image_cells(ids, self.config.image_offset, grid * grid, carry)
-        if kv_cache is not None:
-            kv_cache.next_cell = next_cell
-        on_grid = cell >= 0
-        cell = cell.clamp(min=0)
-        return (self.row_emb(cell // grid) + self.col_emb(cell % grid)) * on_grid[..., None]
+    def head(self, x: torch.Tensor, vocab: slice | torch.Tensor = slice(None)) -> torch.Tensor:
+        """Final norm and output projection -> float32 logits over the ids in `vocab` (default: all; a slice or a
+        LongTensor of ids), so that decoding inside an image computes only the image-code columns."""
+        return F.linear(self.norm(x), self.output_weight()[vocab]).float()
 
     @property
     def vocabulary(self):

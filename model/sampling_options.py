@@ -40,3 +40,5 @@ class SamplingConfig:
             raise ValueError(f"cd_alpha must be in [0, 1], got {self.cd_alpha}")
         if self.cd_k < 1:
             raise ValueError(f"cd_k must be >= 1, got {self.cd_k}")
+        if self.seed is not None and not 0 <= self.seed < 2**32:
+            raise ValueError(f"seed must be in [0, 2**32), got {self.seed}")

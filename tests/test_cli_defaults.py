@@ -16,11 +16,13 @@ from cm3.pipeline.download import DownloadSettings
 from cm3.pipeline.tokenize import TokenizeSettings
 from cm3.tokenizers.training_options import ClipTrainOptions, TrainOptions
 from cm3.workflows.cli import app
+from cm3.workflows.serve_options import ServeOptions
 
 from conftest import REPO
 
 DOWNLOAD, TOKENIZE, INDEX = DownloadSettings(), TokenizeSettings(), IndexSettings()
 VQ, CLIP, SAMPLING = TrainOptions(), ClipTrainOptions(), SamplingConfig()
+SERVE = ServeOptions(checkpoint="")
 
 # option -> the owner's default, per command (the option's name is the typer parameter's)
 OWNED = {
@@ -38,7 +40,11 @@ OWNED = {
     "clip train": {"model": CLIP.model_name, "steps": CLIP.steps, "batch_size": CLIP.batch_size, "lr": CLIP.lr},
     "generate": {"method": SAMPLING.method, "guidance": SAMPLING.guidance_scale,
                  "temperature": SAMPLING.temperature, "top_p": SAMPLING.top_p, "cd_alpha": SAMPLING.cd_alpha,
-                 "cd_k": SAMPLING.cd_k, "seed": SAMPLING.seed, "retrieved": INDEX.retrieval.k},
+                 "cd_k": SAMPLING.cd_k, "seed": SAMPLING.seed, "retrieved": INDEX.retrieval.k,
+                 "image_guidance": SAMPLING.image_guidance_scale},
+    "serve": {"host": SERVE.host, "port": SERVE.port, "replicas": SERVE.replicas, "device": SERVE.device,
+              "int8": SERVE.int8, "max_batch_images": SERVE.max_batch_images, "batch_wait_ms": SERVE.batch_wait_ms,
+              "max_queued": SERVE.max_queued_requests, "max_body_bytes": SERVE.max_body_bytes},
     "caption": {"method": CAPTION_METHOD, "max_new_tokens": CAPTION_TOKENS, "seed": SAMPLING.seed},
 }
 # how an option's text reads as its owner's value
@@ -51,7 +57,7 @@ CLI_ONLY = {
     "build-index": {"progress", "online"},
     "search": {"k"},
     "model init": {"preset", "seed"},
-    "generate": {"n", "out", "rerank", "device"},
+    "generate": {"n", "out", "rerank", "device", "int8"},
     "caption": {"device"},
     "sft convert": {"image_pattern", "shard_rows", "seed"},
     "sft demo": {"n", "seed", "shard_rows"},

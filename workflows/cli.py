@@ -13,7 +13,7 @@ import typer
 from cm3.workflows.commands.convert import convert_chameleon_command
 from cm3.workflows.commands.data import ingest, tokenize, demo_data_serve, demo_data_write_urls, demo
 from cm3.workflows.commands.index import build_index_command, search
-from cm3.workflows.commands.model import model_init, generate, caption
+from cm3.workflows.commands.model import model_init, generate, caption, serve_command
 from cm3.workflows.commands.sft import sft_convert, sft_demo
 from cm3.workflows.commands.tokenizers import tokenizer_train_vq, tokenizer_train_text, tokenizer_build, clip_train
 from cm3.workflows.commands.train import train_command
@@ -52,6 +52,7 @@ model_app.command("init")(model_init)
 convert_app.command("chameleon")(convert_chameleon_command)
 app.command()(generate)
 app.command()(caption)
+app.command("serve")(serve_command)
 demo_data_app.command("serve")(demo_data_serve)
 demo_data_app.command("write-urls")(demo_data_write_urls)
 app.command()(demo)
