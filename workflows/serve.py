@@ -11,7 +11,8 @@ Back-pressure: each replica takes `max_ongoing_requests` at a time and Serve que
 `max_queued_requests` more, then answers 503; bodies over `max_body_bytes` get 413 before they are read whole.
 """
 
-from __future__ import annotations
+# No `from __future__ import annotations`: FastAPI reads the routes' annotations (`request: Request`) at runtime,
+# from the functions Ray Serve rewrites, where a string annotation does not resolve.
 
 import asyncio
 import base64
@@ -269,9 +270,11 @@ def build_app(options: ServeOptions, gpus_per_replica: float):
     ).bind(asdict(options))
 
 
-def run(options: ServeOptions, stop: threading.Event, ready=None) -> None:
+def run(options: ServeOptions, stop: threading.Event, ready=None, on_connect=None) -> None:
     """Start (or join) Ray, deploy, serve until `stop` is set, then take down what this call started:
-    the whole local Ray when it started one, else only its application."""
+    the whole local Ray when it started one, else only its application. `on_connect` runs once Ray is up (Ray's
+    driver replaces the process's SIGTERM handler: the command line installs its own again there); `ready` once
+    the application serves."""
     import ray
 
     from cm3.workflows.ray_session import connect
@@ -280,6 +283,8 @@ def run(options: ServeOptions, stop: threading.Event, ready=None) -> None:
     owns_ray = options.ray_address is None and not ray.is_initialized()
     try:
         connect(options.ray_address, quiet=True, dashboard=False)  # a server needs no dashboard (slow to start)
+        if on_connect is not None:
+            on_connect()
         gpus = ray.cluster_resources().get("GPU", 0)
         if options.device == "auto":
             options.device = "cuda" if gpus >= 1 else "cpu"

@@ -232,8 +232,11 @@ def serve_command(
         if not serving.is_set():  # still starting: interrupt it (run() then takes down what it started)
             raise KeyboardInterrupt
 
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, on_signal)
+    def handle_signals() -> None:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, on_signal)
+
+    handle_signals()
 
     def ready() -> None:
         serving.set()
@@ -241,7 +244,7 @@ def serve_command(
                    err=True)
 
     try:
-        run(options, stop, ready=ready)
+        run(options, stop, ready=ready, on_connect=handle_signals)
     except KeyboardInterrupt:
         fail("stopped while starting", code=130)
     typer.echo("cm3 serve: stopped", err=True)
