@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One prepared pass over every GPU figure the issues ask for, sized for a short lease of one GPU:
 # VQ-GAN encode/decode beside the CLIP image encoder (tokenize.py), training tokens/s and MFU against
-# HF OPT with MFU by both counts and the data-wait share (train.py), image generation against HF generate()
-# (generate.py), eager and compiled, bf16.
+# HF OPT with MFU by both counts and the data-wait share (train.py), the decode engine against HF generate() and
+# the bandwidth bound (generate.py), and cm3 serve under load (serve.py), bf16.
 # Each step has its own time limit, so one slow compile cannot eat the others; logs go to OUT_DIR.
 #
 #   benchmarks/gpu_check.sh OUT_DIR                       # on the GPU machine (python3 = its torch)
@@ -41,6 +41,9 @@ step tokenize_b256 45 "$py" "$here/tokenize.py" --preset "$vq" --batch-size 256 
 step train_eager 90 "$py" "$here/train.py" --preset "$model" --batch 8 --seq-len "$seq" --steps 3 --rounds 2
 step train_compiled 180 "$py" "$here/train.py" --preset "$model" --batch 8 --seq-len "$seq" --steps 5 --rounds 2 \
     --compile
-step generate_eager 90 "$py" "$here/generate.py" --preset "$model" --tokens "$tokens" --images 16 --repeats 1
-step generate_compiled 110 "$py" "$here/generate.py" --preset "$model" --tokens "$tokens" --images 16 --repeats 1 \
-    --compile
+# the decode engine (compiled step, CUDA graphs) vs HF generate() at 16 images and alone at 64, the bandwidth bound,
+# int8, and whether its codes equal the eager step's
+step generate 420 "$py" "$here/generate.py" --preset "$model" --tokens "$tokens" --images 16 64 --repeats 1 --int8 \
+    --check
+# cm3 serve under load (needs ray[serve] on the GPU machine): concurrency 1, 8, 32 against the engine alone
+step serve 300 "$py" "$here/serve.py" --preset "$model" --max-batch-images 16 --requests 2

@@ -42,15 +42,13 @@ def start_run(args: argparse.Namespace) -> tuple[object, torch.device, Vocabular
 
 
 def require_transformers():
-    """The `transformers` module, or exit saying how to install it beside (not into) the project's venv."""
+    """The `transformers` module, or exit saying how to install it (the `interop` extra; cm3's runtime has no use
+    for it)."""
     try:
         import transformers
     except ImportError:
-        sys.exit("transformers is not importable. Install it outside the project's venv, e.g.\n"
-                 "  .venv/bin/python -m venv /tmp/hfvenv && /tmp/hfvenv/bin/pip install transformers\n"
-                 "  echo \"import site; site.addsitedir('$PWD/.venv/lib/python3.11/site-packages')\" \\\n"
-                 "    > /tmp/hfvenv/lib/python3.11/site-packages/cm3_venv.pth\n"
-                 "then run this script with /tmp/hfvenv/bin/python.")
+        sys.exit("transformers is not importable: install the pinned test/interop extra,\n"
+                 "  .venv/bin/pip install -c constraints.txt -e '.[interop]'")
     return transformers
 
 

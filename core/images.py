@@ -91,6 +91,7 @@ def to_pil(image: torch.Tensor) -> Image.Image:
 
 
 def load_image_tensor(path: str | os.PathLike, resolution: int) -> torch.Tensor:
-    """An image file as the float tensor [1, 3, resolution, resolution] in [-1, 1] the VQ-GAN encodes."""
+    """An image file (a path or a binary file object) as the float tensor [1, 3, resolution, resolution] in [-1, 1]
+    the VQ-GAN encodes."""
     with Image.open(path) as image:
         return pixels_to_tensor(square_pixels(image, resolution))[None]

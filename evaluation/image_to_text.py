@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import random
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,31 +20,13 @@ from cm3.core.errors import InputError
 from cm3.core.files import read_json, write_json
 from cm3.core.images import pixels_to_tensor
 from cm3.evaluation.caption_scores import caption_scores
+from cm3.evaluation.options import CAPTION_PROMPT, IMAGE_PATTERN, VQA_TEMPLATE, ImageToTextOptions
 from cm3.evaluation.sources import NamedImages, read_caption_references, read_vqa
 from cm3.evaluation.vqa_accuracy import vqa_accuracy
 from cm3.tokenizers.layout import caption_prompt
 
 PREDICTIONS_FILE = "predictions.json"
 EXAMPLES = 8
-
-
-@dataclass
-class ImageToTextOptions:
-    """What ``cm3 eval caption`` and ``cm3 eval vqa`` share; the commands' defaults are these."""
-
-    checkpoint: Path
-    images: Path
-    out: Path
-    batch_size: int = 16
-    max_new_tokens: int = 32
-    limit: int | None = None  # that many images (captioning) or questions (VQA), drawn at random with `seed`
-    seed: int = 0
-    device: str = "cpu"
-
-    def subset(self, items: list) -> list:
-        if self.limit is None or self.limit >= len(items):
-            return items
-        return [items[i] for i in sorted(random.Random(self.seed).sample(range(len(items)), self.limit))]
 
 
 def answers(options: ImageToTextOptions, names: Sequence[str], texts: Sequence[str], desc: str) -> list[str]:
@@ -79,7 +59,7 @@ def answers(options: ImageToTextOptions, names: Sequence[str], texts: Sequence[s
     return out
 
 
-def evaluate_captions(options: ImageToTextOptions, references: Path, prompt: str = "") -> dict:
+def evaluate_captions(options: ImageToTextOptions, references: Path, prompt: str = CAPTION_PROMPT) -> dict:
     """CIDEr and BLEU-4 of one caption per annotated image of a COCO captions file (``prompt``: the instruction
     after the image, e.g. the SFT template "describe the image."; empty for a pretrained model)."""
     from cm3.evaluation.report import write_text_report
@@ -95,8 +75,8 @@ def evaluate_captions(options: ImageToTextOptions, references: Path, prompt: str
     return write_text_report(options.out, run, row, examples[:EXAMPLES])
 
 
-def evaluate_vqa(options: ImageToTextOptions, questions: Path, annotations: Path, image_pattern: str = "{}",
-                 template: str = "{text}") -> dict:
+def evaluate_vqa(options: ImageToTextOptions, questions: Path, annotations: Path,
+                 image_pattern: str = IMAGE_PATTERN, template: str = VQA_TEMPLATE) -> dict:
     """VQA accuracy of one answer per question; ``image_pattern`` turns an image id into a file name (e.g.
     ``COCO_val2014_{:012d}.jpg``), ``template`` the question into the text after the image (SFT's templates)."""
     from cm3.evaluation.report import write_text_report

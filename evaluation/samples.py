@@ -28,29 +28,16 @@ from tqdm import tqdm
 from cm3.core.files import write_json
 from cm3.core.images import decode, rgb_pixels, to_pil
 from cm3.core.shards import clear_staging, commit_shard, complete_shards, new_attempt_dir, parquet_path, stats_path
+from cm3.evaluation.options import MIX, Setting
 from cm3.model.decoder import CM3
-from cm3.model.generation import generate_image_tokens, image_prompt
+from cm3.model.generation import generate_image_tokens, text_to_image_prompt
 from cm3.model.sampling_options import SamplingConfig
 from cm3.tokenizers.multimodal import MultimodalTokenizer
 
 SETTINGS_FILE = "generation.json"
-MIX = "mix"  # half top-p, half CD-K per prompt: the paper's best FID recipe
 SAMPLE_SCHEMA = pa.schema([("prompt_index", pa.int32()), ("sample", pa.int16()), ("prompt", pa.string()),
                            ("png", pa.binary())])
 Retrieve = Callable[[str, int], Sequence[tuple[str, np.ndarray]]]  # (prompt, k) -> (caption, VQ codes) documents
-
-
-@dataclass(frozen=True)
-class Setting:
-    """One row of an ablation: how many retrieved documents, the CFG scale, the decoding method."""
-
-    retrieved: int
-    guidance: float
-    method: str
-
-    @property
-    def name(self) -> str:
-        return f"k{self.retrieved}-g{self.guidance:g}-{self.method}"
 
 
 def sample_folder(root: Path, setting: Setting, identity: dict) -> Path:
@@ -88,8 +75,7 @@ def generate_samples(folder: Path, model: CM3, tokenizer: MultimodalTokenizer, p
         ids = []
         for prompt in chunk:
             documents = retrieve(prompt, setting.retrieved) if setting.retrieved else ()
-            docs = [tokenizer.document(caption, codes, "caption_first") for caption, codes in documents]
-            ids += [image_prompt(vocab, tokenizer.encode_caption(prompt), docs)] * samples
+            ids += [text_to_image_prompt(tokenizer, prompt, documents)] * samples
         config = replace(sampling, guidance_scale=setting.guidance, seed=sampling.seed + shard,
                          method="top_p" if setting.method == MIX else setting.method)
         image_ids = generate_image_tokens(model, vocab, ids, tokenizer.tokens_per_image, config,

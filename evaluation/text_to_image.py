@@ -15,81 +15,19 @@ network, so a re-run or another setting does not read the references again.
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from tqdm import tqdm
 
-from cm3.core.errors import InputError
 from cm3.evaluation.clip_scores import pair_scores
 from cm3.evaluation.frechet import FeatureStatistics, frechet_distance, statistics
-from cm3.evaluation.samples import MIX, Setting, generate_samples, identity, read_samples, sample_folder
+from cm3.evaluation.options import TextToImageOptions
+from cm3.evaluation.samples import generate_samples, identity, read_samples, sample_folder
 from cm3.evaluation.sources import ReferenceImages, as_batch, read_prompts
-from cm3.model.sampling_options import METHODS, SamplingConfig
 
-METRICS = ("fid", "fd_clip", "clip_score")
-SAMPLE_METHODS = (*METHODS, MIX)
-
-
-@dataclass
-class TextToImageOptions:
-    """What ``cm3 eval text-to-image`` takes; the command's defaults are these."""
-
-    checkpoint: Path
-    prompts: Path
-    out: Path
-    references: Path | None = None
-    samples: int = 1  # images per prompt
-    retrieved: tuple[int, ...] = (0,)
-    guidance: tuple[float, ...] = (3.0,)
-    methods: tuple[str, ...] = ("top_p",)
-    index: Path | None = None
-    rerank: bool = False
-    clip: dict | None = None  # {"model_name", "pretrained"} of an OpenCLIP model
-    inception: Path | None = None
-    metrics: tuple[str, ...] | None = None  # default: fid, and fd_clip + clip_score when a CLIP model is given
-    limit: int | None = None
-    seed: int = 0
-    batch_size: int = 32  # images per decoder call (whole prompts: at least `samples`)
-    temperature: float = 1.0
-    top_p: float = 0.9
-    cd_alpha: float = 0.1
-    cd_k: int = 5
-    device: str = "cpu"
-    grid: int = 8  # prompts shown in report.md
-    sampling: SamplingConfig = field(init=False)
-
-    def __post_init__(self) -> None:
-        if self.metrics is None:
-            self.metrics = METRICS if self.clip else ("fid",)
-        if unknown := set(self.metrics) - set(METRICS):
-            raise InputError(f"--metrics {','.join(sorted(unknown))}: expected some of {', '.join(METRICS)}")
-        if unknown := set(self.methods) - set(SAMPLE_METHODS):
-            raise InputError(f"--method {','.join(sorted(unknown))}: expected some of {', '.join(SAMPLE_METHODS)}")
-        if self.samples < 1 or self.batch_size < 1 or any(k < 0 for k in self.retrieved):
-            raise InputError("--samples and --batch-size must be >= 1 and --retrieved >= 0")
-        if ({"fd_clip", "clip_score"} & set(self.metrics) or self.rerank) and not self.clip:
-            raise InputError("CLIP score, FD-CLIP and --rerank need a CLIP model: give --clip or --clip-model")
-        if {"fid", "fd_clip"} & set(self.metrics) and self.references is None:
-            raise InputError("FID and FD-CLIP compare with real images: give --references")
-        if any(self.retrieved) and self.index is None:
-            raise InputError("--retrieved above 0 prepends documents from an index: give --index")
-        try:
-            self.sampling = SamplingConfig(temperature=self.temperature, top_p=self.top_p, cd_alpha=self.cd_alpha,
-                                           cd_k=self.cd_k, seed=self.seed)
-        except ValueError as err:
-            raise InputError(str(err)) from err
-
-    def settings(self) -> list[Setting]:
-        return [Setting(k, g, m) for k, g, m in itertools.product(self.retrieved, self.guidance, self.methods)]
-
-    @property
-    def prompts_per_shard(self) -> int:
-        return max(1, self.batch_size // self.samples)
 
 
 class Scorers:

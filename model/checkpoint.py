@@ -17,11 +17,10 @@ from pathlib import Path
 import torch
 
 from cm3.core.files import atomic_folder
-from cm3.model.decoder import CM3
+from cm3.model.decoder import CM3, TOKENIZER_DIR
 from cm3.tokenizers.multimodal import MultimodalTokenizer
 
 MARKER = "checkpoint.json"
-TOKENIZER_DIR = "tokenizer"
 
 
 def save_checkpoint(directory: str | os.PathLike, model: CM3, tokenizer: MultimodalTokenizer,
@@ -49,4 +48,5 @@ def load_checkpoint(directory: str | os.PathLike, device: str | torch.device = "
         model = CM3.from_pretrained(root, device=device, dtype=dtype, expected_vocab_size=tokenizer.vocab.size)
     except ValueError as err:
         raise ValueError(f"{root}: the decoder does not match {root / TOKENIZER_DIR}: {err}") from err
+    model.image_tokenizer = tokenizer  # `model(images, caption)` lays documents out with it
     return model.eval(), tokenizer

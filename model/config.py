@@ -10,11 +10,11 @@ import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-# Chameleon's single joint vocabulary (text BPE + 8192 image codes + specials). CM3Leon's BPE alone has 56,320;
-# 65,536 leaves room for its image codes and special tokens. Pass the real `Vocabulary.size` when you have one.
-DEFAULT_VOCAB_SIZE = 65_536
+from cm3.tokenizers.vocabulary import DEFAULT_VOCAB_SIZE  # presets' vocab_size; pass the real `Vocabulary.size`
+
 ACTIVATIONS = ("relu", "swiglu")
 POSITIONS = ("learned", "rope")
+NORMS = ("layernorm", "rmsnorm")
 
 
 @dataclass
@@ -29,6 +29,13 @@ class CM3Config:
     qk_norm: bool = False  # parameter-free LayerNorm on queries and keys per head (Chameleon: needed at scale)
     positions: str = "learned"  # paper: learned absolute; "rope" rotates queries and keys instead
     rope_theta: float = 10_000.0
+    # Options that make a converted Chameleon/Anole checkpoint exact (all off by default, the paper's decoder):
+    norm: str = "layernorm"  # parameter-free LayerNorm (metaseq); "rmsnorm" has a weight (Llama/Chameleon)
+    norm_eps: float = 1e-5
+    n_kv_heads: int = 0  # grouped-query attention: key/value heads shared by n_heads / n_kv_heads queries; 0 = n_heads
+    qk_norm_affine: bool = False  # qk_norm with a weight and a bias per head and channel (Chameleon's, per shard)
+    swin_norm: bool = False  # Chameleon-30B's block order: x + norm(attn(x)), then x + norm(mlp(x))
+    mlp_hidden_size: int = 0  # the MLP's hidden width as given (Chameleon: 11,008 at 7B); 0 = derived from mlp_ratio
     # DALL-E's row and column embeddings on image tokens: the side of the VQ grid (8 for 8x8 = 64 tokens), 0 off.
     # Image ids are [image_offset, vocab_size) (the joint vocabulary puts them last); training fills it in.
     image_grid: int = 0
@@ -55,6 +62,16 @@ class CM3Config:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
+        for name in ("n_kv_heads", "mlp_hidden_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an int >= 0 (0: derived), got {value!r}")
+        if self.n_heads % self.kv_heads:
+            raise ValueError(f"n_heads {self.n_heads} is not divisible by n_kv_heads {self.n_kv_heads}")
+        if self.norm not in NORMS:
+            raise ValueError(f"norm must be one of {NORMS}, got {self.norm!r}")
+        if self.qk_norm_affine and not self.qk_norm:
+            raise ValueError("qk_norm_affine needs qk_norm")
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
         if self.positions not in POSITIONS:
@@ -71,8 +88,15 @@ class CM3Config:
         return self.d_model // self.n_heads
 
     @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
     def mlp_hidden(self) -> int:
-        """ReLU: mlp_ratio * d. SwiGLU has three matrices, so 2/3 of that (rounded up to 8) keeps the same size."""
+        """mlp_hidden_size when given; else ReLU: mlp_ratio * d, and SwiGLU, whose three matrices would make that
+        larger, 2/3 of it (rounded up to 8) to keep the same size."""
+        if self.mlp_hidden_size:
+            return self.mlp_hidden_size
         hidden = self.mlp_ratio * self.d_model
         return hidden if self.activation == "relu" else 8 * math.ceil(2 * hidden / 3 / 8)
 
@@ -107,9 +131,13 @@ def num_parameters(config: CM3Config, include_embeddings: bool = True) -> int:
     """Analytic parameter count; "embeddings" are the token and position tables and an untied output projection."""
     d = config.d_model
     mlp = (2 if config.activation == "relu" else 3) * d * config.mlp_hidden
-    blocks = config.n_layers * (4 * d * d + mlp)
+    attention = 2 * d * d + 2 * d * config.kv_heads * config.head_dim
+    qk_norms = 2 * (config.n_heads + config.kv_heads) * config.head_dim if config.qk_norm_affine else 0
+    norms = 2 * d if config.norm == "rmsnorm" else 0
+    blocks = config.n_layers * (attention + mlp + qk_norms + norms)
     if not include_embeddings:
         return blocks
     positions = (config.max_seq_len * d if config.positions == "learned" else 0) + 2 * config.image_grid * d
     output = 0 if config.tie_embeddings else config.vocab_size * d
-    return blocks + config.vocab_size * d + positions + output
+    final_norm = d if config.norm == "rmsnorm" else 0
+    return blocks + config.vocab_size * d + positions + output + final_norm

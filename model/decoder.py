@@ -2,7 +2,8 @@
 
 Pre-LN blocks, no biases, no dropout, LayerNorm without parameters, learned absolute positions (or RoPE),
 ReLU MLP (or SwiGLU), optionally DALL-E's row/column embeddings on image tokens. A static, preallocated KV
-cache serves prefill and token-by-token decoding.
+cache serves prefill and token-by-token decoding. The options that Chameleon's checkpoints need (RMSNorm,
+grouped-query attention, per-head query-key LayerNorm affines, swin-norm block order) are off by default.
 """
 
 from __future__ import annotations
@@ -17,13 +18,15 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from cm3.core.files import atomic_write
-from cm3.tokenizers.vocabulary import Vocabulary
+from cm3.tokenizers.vocabulary import DEFAULT_VOCABULARY, Vocabulary
 
 from .config import CM3Config
 from .loss import linear_cross_entropy
 
 WEIGHTS_NAME = "model.safetensors"
+WEIGHTS_INDEX_NAME = "model.safetensors.index.json"  # sharded weights (a converted 7B): {"weight_map": {key: file}}
 CONFIG_NAME = "config.json"
+TOKENIZER_DIR = "tokenizer"  # a cm3 checkpoint's tokenizer folder (cm3.model.checkpoint)
 
 
 class KVCache:
@@ -32,9 +35,9 @@ class KVCache:
     Rows are batch rows; `repeat`/`reorder` build the cond/uncond row layouts that guidance needs.
     """
 
-    def __init__(self, batch: int, max_len: int, n_layers: int, n_heads: int, head_dim: int,
+    def __init__(self, batch: int, max_len: int, n_layers: int, n_kv_heads: int, head_dim: int,
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
-        shape = (n_layers, batch, n_heads, max_len, head_dim)
+        shape = (n_layers, batch, n_kv_heads, max_len, head_dim)
         self.keys = torch.zeros(shape, dtype=dtype, device=device)
         self.values = torch.zeros(shape, dtype=dtype, device=device)
         # per row, the grid cell the next token takes if it is an image id (-1: none), so that token-by-token
@@ -151,19 +154,65 @@ def padded_causal_mask(q_len: int, key_padding: torch.Tensor) -> torch.Tensor:
     return (causal & ~key_padding[:, None, None, :]) | own
 
 
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight, computed in float32 and cast back before the weight (as Llama and Chameleon do)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        return self.weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x)
+
+
+class HeadNorm(nn.Module):
+    """LayerNorm over each head's channels with a weight and a bias per head ([heads, head_dim]): Chameleon's
+    query-key norm, whose affines differ between heads of different model-parallel shards."""
+
+    def __init__(self, heads: int, head_dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(heads, head_dim))
+        self.bias = nn.Parameter(torch.zeros(heads, head_dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [B, heads, T, head_dim]
+        normed = F.layer_norm(x, x.shape[-1:], eps=self.eps)
+        return normed * self.weight[:, None] + self.bias[:, None]
+
+
+def make_norm(config: CM3Config) -> nn.Module:
+    if config.norm == "rmsnorm":
+        return RMSNorm(config.d_model, config.norm_eps)
+    return nn.LayerNorm(config.d_model, eps=config.norm_eps, elementwise_affine=False)
+
+
+def head_norm(config: CM3Config, heads: int) -> nn.Module | None:
+    if not config.qk_norm:
+        return None
+    if config.qk_norm_affine:
+        return HeadNorm(heads, config.head_dim)
+    return nn.LayerNorm(config.head_dim, elementwise_affine=False)
+
+
 class Attention(nn.Module):
     def __init__(self, config: CM3Config, layer: int):
         super().__init__()
         self.layer, self.n_heads, self.head_dim = layer, config.n_heads, config.head_dim
-        self.qkv = nn.Linear(config.d_model, 3 * config.d_model, bias=False)
+        self.n_kv_heads = config.kv_heads
+        kv_width = 2 * self.n_kv_heads * self.head_dim
+        self.qkv = nn.Linear(config.d_model, config.d_model + kv_width, bias=False)  # queries, keys, values
         self.out = nn.Linear(config.d_model, config.d_model, bias=False)
-        self.q_norm = nn.LayerNorm(config.head_dim, elementwise_affine=False) if config.qk_norm else None
-        self.k_norm = nn.LayerNorm(config.head_dim, elementwise_affine=False) if config.qk_norm else None
+        self.q_norm = head_norm(config, self.n_heads)
+        self.k_norm = head_norm(config, self.n_kv_heads)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
                 kv_cache: KVCache | None, start_pos: int, mask: torch.Tensor | None = None) -> torch.Tensor:
         B, T, _ = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        heads = (self.n_heads, self.n_kv_heads, self.n_kv_heads)
+        q, k, v = (part.view(B, T, h, self.head_dim).transpose(1, 2)
+                   for part, h in zip(self.qkv(x).split([h * self.head_dim for h in heads], dim=-1), heads))
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
@@ -171,6 +220,8 @@ class Attention(nn.Module):
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer, start_pos, k, v)
         masking = {"attn_mask": mask} if mask is not None else causal_kwargs(T, k.shape[2], x.device)
+        if self.n_kv_heads != self.n_heads:
+            masking["enable_gqa"] = True
         y = F.scaled_dot_product_attention(q, k, v, **masking)
         return self.out(y.transpose(1, 2).reshape(B, T, -1))
 
@@ -192,40 +243,57 @@ class MLP(nn.Module):
 class Block(nn.Module):
     def __init__(self, config: CM3Config, layer: int):
         super().__init__()
-        self.attn_norm = nn.LayerNorm(config.d_model, elementwise_affine=False)
+        self.attn_norm = make_norm(config)
         self.attn = Attention(config, layer)
-        self.mlp_norm = nn.LayerNorm(config.d_model, elementwise_affine=False)
+        self.mlp_norm = make_norm(config)
         self.mlp = MLP(config)
+        self.swin_norm = config.swin_norm
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
                 kv_cache: KVCache | None, start_pos: int, mask: torch.Tensor | None = None) -> torch.Tensor:
+        if self.swin_norm:  # the norms close each branch instead of opening it
+            x = x + self.attn_norm(self.attn(x, rope, kv_cache, start_pos, mask))
+            return x + self.mlp_norm(self.mlp(x))
         x = x + self.attn(self.attn_norm(x), rope, kv_cache, start_pos, mask)
         return x + self.mlp(self.mlp_norm(x))
 
 
 class CM3(nn.Module):
+    """The decoder. `CM3()` is the paper's 350m model over the default vocabulary (random weights);
+    `CM3(config)` any other shape; `CM3.from_pretrained(dir)` a saved or converted checkpoint."""
+
     loss_kernel = None  # the training loss's per-chunk kernel; `apply_compile` sets a compiled one
 
-    def __init__(self, config: CM3Config):
+    def __init__(self, config: CM3Config | None = None):
         super().__init__()
+        config = config or CM3Config.from_preset("350m", vocab_size=DEFAULT_VOCABULARY.size)
         self.config = config
+        self._image_source: Path | None = None  # a checkpoint's tokenizer folder, loaded on the first image call
+        # bool [vocab]: the only output-head rows that get gradients (cm3.model.train_step.train_image_head_only)
+        self.head_rows: torch.Tensor | None = None
         self.tok_emb = nn.Embedding(config.vocab_size, config.d_model)
         self.pos_emb = nn.Embedding(config.max_seq_len, config.d_model) if config.positions == "learned" else None
         grid = config.image_grid
         self.row_emb = nn.Embedding(grid, config.d_model) if grid else None
         self.col_emb = nn.Embedding(grid, config.d_model) if grid else None
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
-        self.norm = nn.LayerNorm(config.d_model, elementwise_affine=False)
+        self.norm = make_norm(config)
         # Tied (metaseq/OPT) by default: logits reuse tok_emb.weight, and the checkpoint holds that matrix once.
         self.lm_head = None if config.tie_embeddings else nn.Linear(config.d_model, config.vocab_size, bias=False)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         """metaseq's "full megatron init": every matrix truncated normal (std, cut at 3 std), positions with
-        their own small std, and the layers writing into the residual stream at 0 so each block starts as identity."""
+        their own small std, and the layers writing into the residual stream at 0 so each block starts as identity.
+        Norm affines (the Chameleon options) start at weight 1, bias 0."""
         std = self.config.init_std
-        for weight in self.parameters():  # every parameter is a matrix: no biases, no LayerNorm affines
-            nn.init.trunc_normal_(weight, mean=0.0, std=std, a=-3 * std, b=3 * std)
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):  # no biases: every one is a matrix
+                nn.init.trunc_normal_(module.weight, mean=0.0, std=std, a=-3 * std, b=3 * std)
+            elif isinstance(module, (RMSNorm, HeadNorm)):
+                nn.init.ones_(module.weight)
+                if isinstance(module, HeadNorm):
+                    nn.init.zeros_(module.bias)
         if self.pos_emb is not None:
             pos_std = self.config.pos_init_std
             nn.init.trunc_normal_(self.pos_emb.weight, mean=0.0, std=pos_std, a=-3 * pos_std, b=3 * pos_std)
@@ -233,10 +301,20 @@ class CM3(nn.Module):
             nn.init.zeros_(block.attn.out.weight)
             nn.init.zeros_(block.mlp.down.weight)
 
-    def forward(self, ids: torch.Tensor, *, kv_cache: KVCache | None = None, start_pos: int = 0,
-                key_padding: torch.Tensor | None = None, targets: torch.Tensor | None = None,
+    def __setattr__(self, name: str, value) -> None:
+        if name == "image_tokenizer":  # the property's, never a submodule: the state dict stays the decoder's
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
+
+    def forward(self, ids: torch.Tensor, caption: torch.Tensor | None = None, *, kv_cache: KVCache | None = None,
+                start_pos: int = 0, key_padding: torch.Tensor | None = None, targets: torch.Tensor | None = None,
                 loss_weights: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """ids [B, T] at positions [start_pos, start_pos + T) -> float32 logits [B, T, vocab].
+
+        `model(images, caption)` (the CM3Leon README's call): images float [B, 3, H, W] in [-1, 1] and caption
+        text ids [B, L] are laid out as the paper's caption-first document by `document_ids`, and the logits
+        cover that whole document: T = L + 1 + tokens_per_image.
 
         With `kv_cache`, keys/values of these positions are written to it and earlier ones are read from it.
         `key_padding` [B, start_pos + T] (True = padding) makes left-padding invisible: pads are hidden from
@@ -247,6 +325,23 @@ class CM3(nn.Module):
         per-position cross-entropy) instead, computed chunk by chunk (`linear_cross_entropy`): the [B, T, vocab]
         logits never exist. It is computed inside forward so that FSDP and DDP see the output head's use.
         """
+        if ids.is_floating_point():
+            if caption is None:
+                raise ValueError("model(images, caption): an image batch needs the caption's text ids too")
+            ids = self.document_ids(ids, caption)
+        elif caption is not None:
+            raise ValueError(f"a second argument (caption ids) goes with an image batch [B, 3, H, W] as the first; "
+                             f"got ids of dtype {ids.dtype}")
+        x = self.hidden(ids, kv_cache=kv_cache, start_pos=start_pos, key_padding=key_padding)
+        if targets is not None:
+            weights = torch.ones_like(targets, dtype=torch.float32) if loss_weights is None else loss_weights
+            return linear_cross_entropy(self.norm(x), self.output_weight(), targets, weights, kernel=self.loss_kernel)
+        return self.head(x)
+
+    def hidden(self, ids: torch.Tensor, *, kv_cache: KVCache | None = None, start_pos: int = 0,
+               key_padding: torch.Tensor | None = None) -> torch.Tensor:
+        """`forward` without the output head: the last block's output [B, T, d_model] (prefill takes the head
+        of the last position only)."""
         T = ids.shape[1]
         if start_pos + T > self.config.max_seq_len:
             raise ValueError(f"positions up to {start_pos + T} exceed max_seq_len {self.config.max_seq_len}")
@@ -255,39 +350,108 @@ class CM3(nn.Module):
         positions = torch.arange(start_pos, start_pos + T, device=ids.device)
         if key_padding is not None:  # per-row positions counted from the first real token
             positions = (positions[None, :] - key_padding.sum(dim=1, keepdim=True)).clamp(min=0)
-        x = self.tok_emb(ids)
+        cells = None
         if self.row_emb is not None:
-            x = x + self._grid_embedding(ids, kv_cache, start_pos)
-        rope = None
-        if self.pos_emb is not None:
-            x = x + self.pos_emb(positions)
-        else:
-            rope = rope_angles(positions, self.config.head_dim, self.config.rope_theta)
+            grid = self.config.image_grid
+            carry = kv_cache.next_cell if kv_cache is not None and start_pos > 0 else None
+            cells, next_cell = image_cells(ids, self.config.image_offset, grid * grid, carry)
+            if kv_cache is not None:
+                kv_cache.next_cell = next_cell
+        x, rope = self.embed(ids, positions, cells)
         mask = None if key_padding is None else padded_causal_mask(T, key_padding)
         for block in self.blocks:
             x = block(x, rope, kv_cache, start_pos, mask)
-        weight = self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
-        if targets is not None:
-            weights = torch.ones_like(targets, dtype=torch.float32) if loss_weights is None else loss_weights
-            return linear_cross_entropy(self.norm(x), weight, targets, weights, kernel=self.loss_kernel)
-        return F.linear(self.norm(x), weight).float()
+        return x
 
-    def _grid_embedding(self, ids: torch.Tensor, kv_cache: KVCache | None, start_pos: int) -> torch.Tensor:
-        """Row + column embedding of each image token's grid cell (0 on every other token)."""
-        grid = self.config.image_grid
-        carry = kv_cache.next_cell if kv_cache is not None and start_pos > 0 else None
-        cell, next_cell = image_cells(ids, self.config.image_offset, grid * grid, carry)
-        if kv_cache is not None:
-            kv_cache.next_cell = next_cell
-        on_grid = cell >= 0
-        cell = cell.clamp(min=0)
-        return (self.row_emb(cell // grid) + self.col_emb(cell % grid)) * on_grid[..., None]
+    def embed(self, ids: torch.Tensor, positions: torch.Tensor, cells: torch.Tensor | None = None
+              ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+        """Input of the first block for ids [B, T] at positions [T] or [B, T]: token (+ learned position) (+ grid)
+        embeddings, and the RoPE angles the blocks rotate by (None with learned positions). `cells` [B, T] is each
+        image token's grid cell (-1: none), required when the model has grid embeddings."""
+        x = self.tok_emb(ids)
+        if self.row_emb is not None:
+            grid = self.config.image_grid
+            on_grid = cells >= 0
+            cell = cells.clamp(min=0)
+            x = x + (self.row_emb(cell // grid) + self.col_emb(cell % grid)) * on_grid[..., None]
+        if self.pos_emb is not None:
+            return x + self.pos_emb(positions), None
+        return x, rope_angles(positions, self.config.head_dim, self.config.rope_theta)
+
+    def output_weight(self) -> torch.Tensor:
+        """The output projection [vocab, d_model]: the token embedding when tied. With `head_rows` set, the other
+        rows are detached, so only those rows get gradients."""
+        weight = self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
+        if self.head_rows is not None:
+            weight = torch.where(self.head_rows.to(weight.device)[:, None], weight, weight.detach())
+        return weight
+
+    def head(self, x: torch.Tensor, vocab: slice | torch.Tensor = slice(None)) -> torch.Tensor:
+        """Final norm and output projection -> float32 logits over the ids in `vocab` (default: all; a slice or a
+        LongTensor of ids), so that decoding inside an image computes only the image-code columns."""
+        return F.linear(self.norm(x), self.output_weight()[vocab]).float()
+
+    @property
+    def vocabulary(self):
+        """The vocabulary the image call lays documents out in: the image tokenizer's (a checkpoint's), else the
+        default one, which needs this model's vocab_size to match it."""
+        tokenizer = self.__dict__.get("_image_tokenizer")
+        if tokenizer is None and self._image_source is not None:
+            tokenizer = self.image_tokenizer
+        if hasattr(tokenizer, "vocab"):
+            return tokenizer.vocab
+        if self.config.vocab_size != DEFAULT_VOCABULARY.size:
+            raise ValueError(f"this model's vocab_size {self.config.vocab_size} is not the default vocabulary's "
+                             f"{DEFAULT_VOCABULARY.size}: set model.image_tokenizer to the checkpoint's tokenizer "
+                             "(cm3.model.checkpoint.load_checkpoint returns it)")
+        return DEFAULT_VOCABULARY
+
+    @property
+    def image_tokenizer(self):
+        """What turns images into image ids: a `MultimodalTokenizer` (a checkpoint's) or a bare `VQGAN` (the default
+        vocabulary's codes). Default: the checkpoint's tokenizer folder when loaded from one, else a randomly
+        initialised VQ-GAN of the paper's shape (256 x 256 -> 32 x 32 codes of 8192)."""
+        if self.__dict__.get("_image_tokenizer") is None:
+            if self._image_source is not None:
+                from cm3.tokenizers.multimodal import MultimodalTokenizer
+
+                tokenizer = MultimodalTokenizer.load(self._image_source)
+            else:
+                from cm3.tokenizers.vqgan import VQGAN
+
+                tokenizer = VQGAN().for_inference()
+            self.__dict__["_image_tokenizer"] = tokenizer
+        return self.__dict__["_image_tokenizer"]
+
+    @image_tokenizer.setter
+    def image_tokenizer(self, tokenizer) -> None:
+        self.__dict__["_image_tokenizer"] = tokenizer
+
+    def document_ids(self, images: torch.Tensor, caption: torch.Tensor) -> torch.Tensor:
+        """The paper's caption-first documents: caption [B, L] text ids (the text tokenizer's own ids, e.g.
+        `TextTokenizer.encode`), then the image tokens of images [B, 3, H, W], joined as `encode_document` joins
+        them (cm3: `caption <break> IMG`) -> ids [B, L + 1 + tokens_per_image]."""
+        vocab = self.vocabulary
+        if images.dim() != 4 or caption.dim() != 2 or images.shape[0] != caption.shape[0]:
+            raise ValueError(f"expected images [B, 3, H, W] and caption ids [B, L] with the same B, got "
+                             f"{list(images.shape)} and {list(caption.shape)}")
+        bad = (caption < 0) | (caption >= vocab.text_vocab_size)
+        if bool(bad.any()):
+            values = sorted(set(caption[bad].tolist()))
+            raise ValueError(f"caption ids must be text ids in [0, {vocab.text_vocab_size}) (the vocabulary's "
+                             f"text tokens); {int(bad.sum())} are not: {values[:10]}")
+        tokenizer = self.image_tokenizer
+        vq = getattr(tokenizer, "vq", tokenizer)
+        codes = vq.encode(images.float()).flatten(1).cpu().numpy()
+        rows = [vocab.document(vocab.text_ids(text.tolist()), row, "caption_first")
+                for text, row in zip(caption.cpu(), codes)]
+        return torch.tensor(rows, dtype=torch.long, device=self.tok_emb.weight.device)
 
     def new_kv_cache(self, batch: int, max_len: int | None = None) -> KVCache:
         """An empty cache in this model's dtype and device, for up to max_len (default max_seq_len) positions."""
         c = self.config
         weight = self.tok_emb.weight
-        return KVCache(batch, max_len or c.max_seq_len, c.n_layers, c.n_heads, c.head_dim, weight.dtype, weight.device)
+        return KVCache(batch, max_len or c.max_seq_len, c.n_layers, c.kv_heads, c.head_dim, weight.dtype, weight.device)
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         """Write model.safetensors then config.json, each atomically: a directory with a config.json always holds
@@ -301,7 +465,8 @@ class CM3(nn.Module):
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, *, device: torch.device | str = "cpu",
                         dtype: torch.dtype | None = None, expected_vocab_size: int | None = None) -> CM3:
-        """Load a `save_pretrained` directory (safetensors only: nothing is unpickled)."""
+        """Load a `save_pretrained` directory, or a converted one whose weights are sharded (safetensors only:
+        nothing is unpickled). A checkpoint's tokenizer, when it has one, becomes the `image_tokenizer`."""
         directory = Path(directory)
         config_path = directory / CONFIG_NAME
         if not config_path.is_file():
@@ -312,5 +477,20 @@ class CM3(nn.Module):
                              f"has {expected_vocab_size}; the tokenizer and the model must match")
         with torch.device("meta"):  # no memory and no random init for weights about to be replaced
             model = cls(config)
-        model.load_state_dict(load_file(directory / WEIGHTS_NAME, device=str(device)), assign=True)
+        model.load_state_dict(load_weights(directory, device), assign=True)
+        if (directory / TOKENIZER_DIR).is_dir():
+            model._image_source = directory / TOKENIZER_DIR
         return model if dtype is None else model.to(dtype)
+
+
+def load_weights(directory: Path, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """The state dict of model.safetensors, or of every shard that model.safetensors.index.json names."""
+    index = directory / WEIGHTS_INDEX_NAME
+    if not index.is_file():
+        return load_file(directory / WEIGHTS_NAME, device=str(device))
+    weight_map = json.loads(index.read_text())["weight_map"]
+    state: dict[str, torch.Tensor] = {}
+    for name in sorted(set(weight_map.values())):
+        state.update(load_file(directory / name, device=str(device)))
+    return state
+

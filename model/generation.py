@@ -1,14 +1,22 @@
-"""Decoding for CM3Leon: text-to-image with classifier-free guidance and contrastive decoding (CD-K), and text
-(captions, VQA answers), over the decoder's static KV cache.
+"""Decoding for CM3Leon, the entry points: text-to-image with classifier-free guidance and contrastive decoding
+(CD-K) by the decode engine (`model/engine.py`), and text (captions, VQA answers) over the decoder's KV cache.
+The rules that pick a token live in `model/sampling.py`.
 
-Layouts (the paper's):
+Layouts (the paper's, in cm3's vocabulary; `cm3.tokenizers.layout` builds them):
 
     text -> image   <eod> [retrieved doc <break>]* caption <break>  -> tokens_per_image image ids, then <break>
     unconditional   <eod> <mask:0> <break>                          (the CFG / CD-K amateur stream)
     image -> text   <eod> IMG <break> [question]                    -> text ids until <eod>
 
+A converted Chameleon checkpoint's vocabulary (`ChameleonVocabulary`) lays the same prompts out with its own
+tokens: `<s> [text <racm3:break> IMG <eoss>]* caption <racm3:break>`, unconditional `<s> <racm3:break>`, and
+exactly tokens_per_image image ids are generated before `<eoss>`. Only the vocabulary's layout names are used
+(`bos`, `begin_image`, `join`, ...), never cm3's id ranges.
+
 Guidance runs the conditional and unconditional streams as one batch of 2B rows (cond rows first), each row with
-its own KV-cache row, so every step is one forward pass.
+its own KV-cache row, so every step is one forward pass; with `image_guidance_scale`, Chameleon's three streams
+(InstructPix2Pix's guidance: full prompt, the prompt's images alone, unconditional). Row i of a call is sample i
+of the config's seed.
 
 Padding: prompts of different lengths (the 3-token unconditional prompt always is shorter) are LEFT-padded with
 <pad>, and the decoder's `key_padding` hides the pads from attention, so every row attends only to its own
@@ -18,117 +26,22 @@ model does not rely on a document starting at position 0.
 
 from __future__ import annotations
 
-import math
+import secrets
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 
+import numpy as np
 import torch
 from numpy.typing import ArrayLike
 
 from cm3.model.decoder import CM3
-from cm3.tokenizers import layout
+from cm3.model.engine import ImageEngine, ImageSample, check_vocab, left_pad, pad_mask
+from cm3.model.sampling import ROW_METHODS, restrict_to, sample, top_p_filter, uniform_draws
 from cm3.model.sampling_options import CAPTION_METHOD, CAPTION_TOKENS, SamplingConfig
+from cm3.tokenizers.layout import (  # noqa: F401  (the prompts, re-exported for generation's callers)
+    caption_prompt, image_only_prompt, image_prompt, unconditional_prompt)
 from cm3.tokenizers.multimodal import MultimodalTokenizer
 from cm3.tokenizers.vocabulary import Vocabulary
-
-ROW_METHODS = ("top_p", "cd_k")  # what a per-row mix may hold (the paper's FID recipe mixes these two)
-
-
-# --- pure functions on logits --------------------------------------------------------------------------------
-
-
-def apply_guidance(cond_logits: torch.Tensor, uncond_logits: torch.Tensor, scale: float) -> torch.Tensor:
-    """CFG: uncond + scale * (cond - uncond), written as cond + (scale - 1) * (cond - uncond) so that scale 1
-    returns the conditional logits bit for bit."""
-    return cond_logits + (scale - 1.0) * (cond_logits - uncond_logits)
-
-
-def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
-    """Nucleus filter: keep the smallest set of most probable tokens whose probability reaches top_p (one sort);
-    the rest become -inf."""
-    if top_p >= 1.0:
-        return logits
-    sorted_logits, order = logits.sort(dim=-1, descending=True)
-    probs = sorted_logits.softmax(dim=-1)
-    mass_before = probs.cumsum(dim=-1) - probs  # mass of the strictly more probable tokens
-    drop_sorted = mass_before >= top_p  # the top token always stays (mass_before 0 < top_p)
-    drop = drop_sorted.scatter(-1, order, drop_sorted)
-    return logits.masked_fill(drop, float("-inf"))
-
-
-def cd_k_scores(expert_logits: torch.Tensor, amateur_logits: torch.Tensor, alpha: float, k: int) -> torch.Tensor:
-    """CD-K: log p_exp - log p_ama on V = {t : p_exp(t) >= alpha * (k-th largest p_exp)}, -inf elsewhere.
-    k = 1 is contrastive decoding's max rule (Li et al. 2022)."""
-    log_expert = expert_logits.log_softmax(dim=-1)
-    log_amateur = amateur_logits.log_softmax(dim=-1)
-    kth = log_expert.topk(min(k, log_expert.shape[-1]), dim=-1).values[..., -1:]
-    floor = kth + (math.log(alpha) if alpha > 0 else float("-inf"))
-    return (log_expert - log_amateur).masked_fill(log_expert < floor, float("-inf"))
-
-
-def restrict_to(logits: torch.Tensor, allowed_mask: torch.Tensor) -> torch.Tensor:
-    """-inf outside allowed_mask [V] (or broadcastable), e.g. text ids + <eod> while captioning."""
-    return logits.masked_fill(~allowed_mask, float("-inf"))
-
-
-def sample(scores: torch.Tensor, temperature: float, generator: torch.Generator | None) -> torch.Tensor:
-    """One draw per row from softmax(scores / temperature) [B, V] -> [B], by the exponential-race trick
-    (argmax of p / Exp(1)), which needs no CPU sync, unlike torch.multinomial."""
-    probs = (scores / temperature).softmax(dim=-1)
-    race = torch.empty_like(probs).exponential_(1.0, generator=generator)
-    return probs.div_(race).argmax(dim=-1)
-
-
-def next_image_token(cond: torch.Tensor, uncond: torch.Tensor, sampling: SamplingConfig,
-                     use_cd: torch.Tensor | None, generator: torch.Generator | None) -> torch.Tensor:
-    """Next token per row [B] from the two streams' logits [B, V'], with CFG + top-p, greedy, or (rows where
-    use_cd) CD-K; use_cd None means every row follows sampling.method."""
-    if sampling.method == "greedy" and use_cd is None:
-        return apply_guidance(cond, uncond, sampling.guidance_scale).argmax(dim=-1)
-    if sampling.method == "cd_k" and use_cd is None:
-        return sample(cd_k_scores(cond, uncond, sampling.cd_alpha, sampling.cd_k), sampling.temperature, generator)
-    guided = top_p_filter(apply_guidance(cond, uncond, sampling.guidance_scale) / sampling.temperature,
-                          sampling.top_p)
-    if use_cd is not None:
-        contrast = cd_k_scores(cond, uncond, sampling.cd_alpha, sampling.cd_k) / sampling.temperature
-        guided = torch.where(use_cd[:, None], contrast, guided)
-    return sample(guided, 1.0, generator)
-
-
-# --- prompts --------------------------------------------------------------------------------------------------
-
-
-def image_prompt(vocab: Vocabulary, caption_ids: Sequence[int], retrieved: Sequence[Sequence[int]] = ()) -> list[int]:
-    """`<eod> [doc <break>]* caption <break>`: the conditional text-to-image prompt (joint ids)."""
-    return layout.image_prompt(vocab, caption_ids, retrieved)
-
-
-def unconditional_prompt(vocab: Vocabulary) -> list[int]:
-    """`<eod> <mask:0> <break>`: the prompt text replaced by the CM3 mask token, as in the paper's CFG."""
-    return layout.unconditional_prompt(vocab)
-
-
-def left_pad(prompts: Sequence[Sequence[int]], pad: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """Prompts -> LongTensor [B, max len], shorter ones padded on the left so every row ends at the same position."""
-    length = max(len(p) for p in prompts)
-    return torch.tensor([[pad] * (length - len(p)) + list(p) for p in prompts], dtype=torch.long, device=device)
-
-
-def key_padding(ids: torch.Tensor, vocab: Vocabulary, new_tokens: int) -> torch.Tensor | None:
-    """[B, prompt + new] True at the left padding of each prompt; None when no row is padded (fast path)."""
-    pads = ids == vocab.pad
-    if not bool(pads.any()):
-        return None
-    return torch.cat([pads, pads.new_zeros(ids.shape[0], new_tokens)], dim=1)
-
-
-def _upto(padding: torch.Tensor | None, length: int) -> torch.Tensor | None:
-    return None if padding is None else padding[:, :length]
-
-
-def check_vocab(model: CM3, vocab: Vocabulary) -> None:
-    if model.config.vocab_size != vocab.size:
-        raise ValueError(f"the model's vocab_size is {model.config.vocab_size} but the tokenizer's vocabulary has "
-                         f"{vocab.size} ids; load the checkpoint that was trained with this tokenizer")
 
 
 def check_room(model: CM3, prompt_len: int, new_tokens: int) -> None:
@@ -138,94 +51,90 @@ def check_room(model: CM3, prompt_len: int, new_tokens: int) -> None:
                          f"max_seq_len {limit}: shorten the prompt (or use fewer retrieved documents)")
 
 
-def default_generator(sampling: SamplingConfig, device: torch.device) -> torch.Generator:
-    generator = torch.Generator(device=device)
-    if sampling.seed is None:
-        generator.seed()
-    else:
-        generator.manual_seed(sampling.seed)
-    return generator
+def seeded(sampling: SamplingConfig) -> SamplingConfig:
+    """The config itself, or a copy with a fresh random seed when it has none (so the rows can be replayed)."""
+    if sampling.seed is not None:
+        return sampling
+    return replace(sampling, seed=secrets.randbits(32))
 
 
 # --- decoding loops -------------------------------------------------------------------------------------------
 
 
-@torch.inference_mode()
 def generate_image_tokens(model: CM3, vocab: Vocabulary, prompts: Sequence[Sequence[int]], tokens_per_image: int,
                           sampling: SamplingConfig, methods_per_row: Sequence[str] | None = None,
-                          generator: torch.Generator | None = None) -> torch.Tensor:
-    """Joint image ids [B, tokens_per_image], one image per prompt (each ending with <break>).
+                          engine: ImageEngine | None = None) -> torch.Tensor:
+    """Joint image ids [B, tokens_per_image], one image per prompt (each ending with the vocabulary's
+    begin_image: <break>, or Chameleon's <racm3:break>), by the decode engine (`model/engine.py`): row i is
+    sample i of sampling.seed; `methods_per_row` mixes top-p and CD-K.
 
-    One prefill over the 2B cond+uncond rows, then one forward per token; only the image slice of the logits is
-    used, so every sampled id is an image id. The closing <break> is forced, not sampled, so it is not returned.
+    Only the image ids' logits are used, so every sampled id is an image id and there are exactly
+    tokens_per_image of them; the closing end_image is forced, not sampled, so it is not returned. `engine` (one built for this model, rows and tokens, e.g.
+    compiled) is used when given; otherwise an eager one is built for this call.
     """
     check_vocab(model, vocab)
     if not prompts or tokens_per_image < 1:
         raise ValueError(f"need prompts and tokens_per_image >= 1, got {len(prompts)} and {tokens_per_image}")
-    if any(not p or p[-1] != vocab.break_ for p in prompts):
-        raise ValueError("every text-to-image prompt must end with <break> (see image_prompt)")
-    B = len(prompts)
-    device = model.tok_emb.weight.device
-    use_cd = None
-    if methods_per_row is not None:
-        if len(methods_per_row) != B or any(m not in ROW_METHODS for m in methods_per_row):
-            raise ValueError(f"methods_per_row needs one of {ROW_METHODS} per prompt ({B}), got {methods_per_row}")
-        use_cd = torch.tensor([m == "cd_k" for m in methods_per_row], device=device)
-    generator = generator or default_generator(sampling, device)
-
-    ids = left_pad([*prompts, *[unconditional_prompt(vocab)] * B], vocab.pad, device)
-    prompt_len = ids.shape[1]
-    check_room(model, prompt_len, tokens_per_image + 1)  # + the closing <break>
-    lo, hi = vocab.image_offset, vocab.size
-    cache = model.new_kv_cache(2 * B, prompt_len + tokens_per_image - 1)
-    padding = key_padding(ids, vocab, tokens_per_image)
-    logits = model(ids, kv_cache=cache, key_padding=_upto(padding, prompt_len))[:, -1, lo:hi]
-    out = torch.empty(B, tokens_per_image, dtype=torch.long, device=device)
-    step_ids = torch.empty(2 * B, 1, dtype=torch.long, device=device)
-    for i in range(tokens_per_image):
-        codes = next_image_token(logits[:B], logits[B:], sampling, use_cd, generator)
-        out[:, i] = codes
-        if i + 1 == tokens_per_image:
-            break
-        step_ids.view(2, B).copy_(codes + lo)  # the uncond rows continue with the same image
-        logits = model(step_ids, kv_cache=cache, start_pos=prompt_len + i,
-                       key_padding=_upto(padding, prompt_len + i + 1))[:, -1, lo:hi]
-    return out + lo
+    if methods_per_row is not None and (len(methods_per_row) != len(prompts)
+                                        or any(m not in ROW_METHODS for m in methods_per_row)):
+        raise ValueError(f"methods_per_row needs one of {ROW_METHODS} per prompt ({len(prompts)}), "
+                         f"got {methods_per_row}")
+    if any(not p or p[-1] != vocab.begin_image for p in prompts):
+        raise ValueError(f"every text-to-image prompt must end with the begin-image token "
+                                 f"{vocab.token_name(vocab.begin_image)} (see image_prompt)")
+    uncond = unconditional_prompt(vocab)
+    prompt_len = max(len(p) for p in [*prompts, uncond])
+    check_room(model, prompt_len, tokens_per_image + 1)  # + the closing end_image
+    sampling = seeded(sampling)
+    samples = [ImageSample(tuple(p), sampling, i, None if methods_per_row is None else methods_per_row[i])
+               for i, p in enumerate(prompts)]
+    if engine is None:
+        engine = ImageEngine(model, vocab, uncond, tokens_per_image, len(prompts), prompt_len + tokens_per_image - 1,
+                             cd_k=sampling.cd_k, image_guidance=sampling.image_guidance_scale is not None)
+    elif engine.tokens != tokens_per_image:
+        raise ValueError(f"the engine samples {engine.tokens} tokens per image, not {tokens_per_image}")
+    return torch.cat([engine.generate(samples[i:i + engine.rows]) for i in range(0, len(samples), engine.rows)])
 
 
 @torch.inference_mode()
 def generate_text(model: CM3, vocab: Vocabulary, prompts: Sequence[Sequence[int]], max_new_tokens: int,
-                  sampling: SamplingConfig, stop_ids: Sequence[int] = (Vocabulary.eod,),
-                  generator: torch.Generator | None = None) -> list[list[int]]:
-    """New text ids per prompt (the stop id not included), restricted to text ids + stop_ids; a row stops at its
-    first stop id, the batch when every row has stopped or after max_new_tokens. No guidance: greedy or top-p."""
+                  sampling: SamplingConfig, stop_ids: Sequence[int] | None = None) -> list[list[int]]:
+    """New text ids per prompt (the stop id not included), restricted to text ids + stop_ids (default: the
+    vocabulary's `stop_ids`); a row stops at its first stop id, the batch when every row has stopped or after
+    max_new_tokens. No guidance: greedy or top-p (row i draws sample i of sampling.seed, as images do)."""
+    stop_ids = vocab.stop_ids if stop_ids is None else stop_ids
     check_vocab(model, vocab)
     if sampling.method not in ("greedy", "top_p"):
         raise ValueError(f"text generation samples greedy or top_p, got {sampling.method!r}")
     if not prompts or any(not p for p in prompts) or max_new_tokens < 1:
         raise ValueError("need non-empty prompts and max_new_tokens >= 1")
     device = model.tok_emb.weight.device
-    generator = generator or default_generator(sampling, device)
+    sampling = seeded(sampling)
     ids = left_pad(prompts, vocab.pad, device)
     B, prompt_len = ids.shape
     check_room(model, prompt_len, max_new_tokens)
-    allowed = torch.zeros(vocab.size, dtype=torch.bool, device=device)
-    allowed[vocab.text_offset:vocab.image_offset] = True
+    allowed = torch.from_numpy(vocab.text_mask()).to(device)
     stops = torch.tensor(list(stop_ids), dtype=torch.long, device=device)
     allowed[stops] = True
+    seeds = torch.full((B,), sampling.seed, dtype=torch.long, device=device)
+    rows = torch.arange(B, device=device)
 
     cache = model.new_kv_cache(B, prompt_len + max_new_tokens)
-    padding = key_padding(ids, vocab, max_new_tokens)
-    logits = model(ids, kv_cache=cache, key_padding=_upto(padding, prompt_len))[:, -1]
+    padding = pad_mask(prompts, device)
+    if padding is not None:
+        padding = torch.cat([padding, padding.new_zeros(B, max_new_tokens)], dim=1)
+    upto = lambda length: None if padding is None else padding[:, :length]  # noqa: E731
+    logits = model(ids, kv_cache=cache, key_padding=upto(prompt_len))[:, -1]
     out = torch.full((B, max_new_tokens), vocab.pad, dtype=torch.long, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
     steps = 0
     for i in range(max_new_tokens):
         logits = restrict_to(logits, allowed)
         if sampling.method == "greedy":
-            token = logits.argmax(dim=-1)
+            token = sample(logits, None)
         else:
-            token = sample(top_p_filter(logits / sampling.temperature, sampling.top_p), 1.0, generator)
+            token = sample(top_p_filter(logits / sampling.temperature, sampling.top_p),
+                           uniform_draws(seeds, rows, i))
         token = token.masked_fill(done, vocab.pad)
         out[:, i] = token
         steps = i + 1
@@ -233,7 +142,7 @@ def generate_text(model: CM3, vocab: Vocabulary, prompts: Sequence[Sequence[int]
         if bool(done.all()) or steps == max_new_tokens:
             break
         logits = model(token[:, None], kv_cache=cache, start_pos=prompt_len + i,
-                       key_padding=_upto(padding, prompt_len + i + 1))[:, -1]
+                       key_padding=upto(prompt_len + i + 1))[:, -1]
     return [_until_stop(row, set(stop_ids)) for row in out[:, :steps].tolist()]
 
 
@@ -247,21 +156,36 @@ def _until_stop(row: list[int], stops: set[int]) -> list[int]:
 def text_to_image(model: CM3, tokenizer: MultimodalTokenizer, prompt: str, n: int,
                   sampling: SamplingConfig | None = None,
                   retrieved: Sequence[tuple[str, ArrayLike | torch.Tensor]] | None = None,
-                  mix: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                  mix: bool = False, engine: ImageEngine | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """n images for one caption -> (images float [n, 3, H, W] in [-1, 1], image ids [n, tokens_per_image]).
 
-    `retrieved` are (caption, VQ codes) documents prepended as `text <break> IMG <break>`; `mix` samples the
+    `retrieved` are (caption, VQ codes) documents prepended as `text <break> IMG <break>` (in the tokenizer's
+    vocabulary: Chameleon's wraps each image in its own markers instead); `mix` samples the
     first half of the rows with top-p and the rest with CD-K (the paper's best FID recipe, before CLIP re-ranking).
+    The prompt is prefilled once for the n rows; `engine` as in `generate_image_tokens`.
     """
     sampling = sampling or SamplingConfig()
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
-    docs = [tokenizer.document(caption, codes, "caption_first") for caption, codes in retrieved or ()]
-    ids = image_prompt(tokenizer.vocab, tokenizer.encode_caption(prompt), docs)
+    ids = text_to_image_prompt(tokenizer, prompt, retrieved or ())
     methods = ["top_p"] * (n - n // 2) + ["cd_k"] * (n // 2) if mix else None
     image_ids = generate_image_tokens(model, tokenizer.vocab, [ids] * n, tokenizer.tokens_per_image, sampling,
-                                      methods)
+                                      methods, engine)
     return tokenizer.decode_image(image_ids), image_ids
+
+
+def text_to_image_prompt(tokenizer: MultimodalTokenizer, prompt: str,
+                         retrieved: Sequence[tuple[str, ArrayLike | torch.Tensor]] = ()) -> list[int]:
+    """The text-to-image prompt (joint ids) for a caption and (caption, VQ codes) retrieved documents, in the
+    tokenizer's vocabulary (`image_prompt`)."""
+    docs = []
+    for caption, codes in retrieved:
+        codes = np.asarray(_codes(codes)).reshape(-1)
+        if codes.size != tokenizer.tokens_per_image:
+            raise ValueError(f"a retrieved image has {codes.size} codes but this tokenizer's images have "
+                             f"{tokenizer.tokens_per_image}: build the index with the checkpoint's tokenizer")
+        docs.append((tokenizer.encode_caption(caption), tokenizer.vocab.image_ids(codes).tolist()))
+    return image_prompt(tokenizer.vocab, tokenizer.encode_caption(prompt), docs)
 
 
 def caption_image(model: CM3, tokenizer: MultimodalTokenizer, images: torch.Tensor, question: str | None = None,
@@ -272,9 +196,13 @@ def caption_image(model: CM3, tokenizer: MultimodalTokenizer, images: torch.Tens
     vocab = tokenizer.vocab
     image_ids = tokenizer.encode_image(images).tolist()
     tail = tokenizer.encode_caption(question) if question else []
-    prompts = [layout.caption_prompt(vocab, row, tail) for row in image_ids]
+    prompts = [caption_prompt(vocab, row, tail) for row in image_ids]
     answers = generate_text(model, vocab, prompts, max_new_tokens, sampling)
     return [tokenizer.decode_text(ids) for ids in answers]
+
+
+def _codes(codes: ArrayLike | torch.Tensor):
+    return codes.detach().cpu().numpy() if isinstance(codes, torch.Tensor) else codes
 
 
 def rerank_by_clip(images: torch.Tensor, prompt: str,

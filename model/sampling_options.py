@@ -21,6 +21,9 @@ class SamplingConfig:
     temperature: float = 1.0
     top_p: float = 0.9
     guidance_scale: float = 3.0
+    # Chameleon's inference guides text and image conditions apart (defaults there: text 3.0, image 1.2); None
+    # keeps the paper's two-stream CFG.
+    image_guidance_scale: float | None = None
     method: str = "top_p"
     cd_alpha: float = 0.1
     cd_k: int = 5
@@ -37,3 +40,5 @@ class SamplingConfig:
             raise ValueError(f"cd_alpha must be in [0, 1], got {self.cd_alpha}")
         if self.cd_k < 1:
             raise ValueError(f"cd_k must be >= 1, got {self.cd_k}")
+        if self.seed is not None and not 0 <= self.seed < 2**32:
+            raise ValueError(f"seed must be in [0, 2**32), got {self.seed}")

@@ -35,8 +35,8 @@ from cm3.model.train_checkpoint import (CHECKPOINT_PREFIX, TrainState, checkpoin
 from cm3.model.train_data import BatchProducer, DataPosition, RankShards, ShardUnit, packed_windows
 from cm3.model.train_metrics import (METRICS_FILE, PROFILE_DIR, DashboardGauges, MetricsLog, attention_backend,
                                      flops_per_token, peak_flops, peak_memory_gib, profiler)
-from cm3.model.train_step import TokenKinds, build_optimizer, learning_rate, train_step
-from cm3.tokenizers.vocabulary import Vocabulary
+from cm3.model.train_step import TokenKinds, build_optimizer, learning_rate, train_image_head_only, train_step
+from cm3.tokenizers.vocabulary import vocabulary_from_dict
 
 FAILED_ONCE = ".failed_once"  # the fail_at_step test hook's marker: a run folder fails once
 
@@ -46,7 +46,7 @@ class LoopConfig:
     """Everything a worker needs, as plain data (a Ray driver sends it as a dict)."""
 
     model: dict  # CM3Config fields
-    vocab: dict  # Vocabulary fields
+    vocab: dict  # the vocabulary's to_dict (cm3's or a converted Chameleon's)
     sequences: dict  # SequenceConfig fields
     units: list[dict]  # ShardUnit fields: the shards' units of reading
     columns: list[str]
@@ -61,6 +61,7 @@ class LoopConfig:
     ac_every: int = 0
     compile: bool = False
     float8: bool = False
+    trainable: str = "all"  # or "image-head" (train_image_head_only)
     threads: Optional[int] = None
     checkpoint_every: int = 100
     log_every: int = 10
@@ -122,12 +123,14 @@ def train(config: LoopConfig, session: Session) -> None:
     rank, world, device = session.rank, session.world_size, session.device
     if device.type == "cuda":
         torch.cuda.set_device(device)  # NCCL's object collectives use the current device
-    vocab = Vocabulary.from_dict(config.vocab)
+    vocab = vocabulary_from_dict(config.vocab)
     sequences = SequenceConfig(**config.sequences)
     run_dir = Path(config.run_dir)
 
     model, model_config, optimizer_state, state, resumed = _restore_or_build(config, session)
     start_step = state.step
+    if config.trainable == "image-head":
+        train_image_head_only(model, vocab)
 
     # the data path starts first: its first batches are ready by the time the model is
     shards = RankShards([ShardUnit(**u) for u in config.units], config.columns, config.seed, rank, world)

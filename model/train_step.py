@@ -11,11 +11,13 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
 from cm3.core.schedule import warmup_then_decay
 from cm3.model.config import CM3Config
+from cm3.model.decoder import CM3
 from cm3.model.train_data import Batch
 from cm3.tokenizers.vocabulary import Vocabulary
 
@@ -23,10 +25,28 @@ from cm3.tokenizers.vocabulary import Vocabulary
 
 
 def build_optimizer(model: nn.Module, config: CM3Config) -> torch.optim.AdamW:
-    """AdamW with the preset's betas and weight decay (every parameter is a matrix: no bias/norm exemptions)."""
-    fused = all(p.is_cuda for p in model.parameters())
-    return torch.optim.AdamW(model.parameters(), lr=config.lr, betas=config.betas,
-                             weight_decay=config.weight_decay, fused=fused or None)
+    """AdamW with the preset's betas and weight decay over the trainable parameters (no bias/norm exemptions).
+    With only some head rows trainable (`train_image_head_only`) there is no weight decay: AdamW's decay would
+    shrink the frozen rows of the same matrix."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    fused = all(p.is_cuda for p in params)
+    decay = 0.0 if getattr(model, "head_rows", None) is not None else config.weight_decay
+    return torch.optim.AdamW(params, lr=config.lr, betas=config.betas, weight_decay=decay, fused=fused or None)
+
+
+TRAINABLE = ("all", "image-head")
+
+
+def train_image_head_only(model: CM3, vocab: Vocabulary) -> None:
+    """Freeze everything but the image-token rows of the (untied) output head, as Anole restored Chameleon's
+    image generation: the other rows get no gradient (`CM3.head_rows`), so text logits stay exactly as they were."""
+    if model.lm_head is None:
+        raise ValueError("--trainable image-head needs an untied output head (tie_embeddings false, as in "
+                         "Chameleon); this model shares it with the token embedding")
+    for param in model.parameters():
+        param.requires_grad_(False)
+    model.lm_head.weight.requires_grad_(True)
+    model.head_rows = torch.from_numpy(np.asarray(vocab.is_image(np.arange(model.config.vocab_size))))
 
 
 def warmup_for(config: CM3Config, total_steps: int) -> int:
@@ -64,15 +84,16 @@ class StepStats:
 
 
 class TokenKinds:
-    """Which targets are text and which are image codes, as id ranges (cheap on any device)."""
+    """Which targets are text and which are image codes: one lookup per id (any vocabulary, any device)."""
 
     def __init__(self, vocab: Vocabulary):
-        self.text = (vocab.text_offset, vocab.text_offset + vocab.text_vocab_size)
-        self.image = (vocab.image_offset, vocab.image_offset + vocab.image_vocab_size)
+        self.text = torch.from_numpy(np.asarray(vocab.text_mask()))
+        self.image = torch.from_numpy(np.asarray(vocab.is_image(np.arange(vocab.size))))
 
     def masks(self, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return ((targets >= self.text[0]) & (targets < self.text[1]),
-                (targets >= self.image[0]) & (targets < self.image[1]))
+        if self.text.device != targets.device:
+            self.text, self.image = self.text.to(targets.device), self.image.to(targets.device)
+        return self.text[targets], self.image[targets]
 
 
 def accumulate_gradients(model: nn.Module, micro_batches: list[Batch], kinds: TokenKinds,

@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from dataclasses import MISSING, fields
 
 import typer
 
+from cm3.evaluation.options import (CAPTION_PROMPT, IMAGE_PATTERN, VQA_ANSWER_TOKENS, VQA_TEMPLATE,
+                                    ImageToTextOptions, TextToImageOptions)
 from cm3.index.build import IndexSettings
 from cm3.index.faiss_index import parse_memory_size
 from cm3.model.sampling_options import CAPTION_METHOD, CAPTION_TOKENS, SamplingConfig
@@ -16,11 +19,15 @@ from cm3.pipeline.download import DownloadSettings
 from cm3.pipeline.tokenize import TokenizeSettings
 from cm3.tokenizers.training_options import ClipTrainOptions, TrainOptions
 from cm3.workflows.cli import app
+from cm3.workflows.serve_options import ServeOptions
 
 from conftest import REPO
 
 DOWNLOAD, TOKENIZE, INDEX = DownloadSettings(), TokenizeSettings(), IndexSettings()
 VQ, CLIP, SAMPLING = TrainOptions(), ClipTrainOptions(), SamplingConfig()
+SERVE = ServeOptions(checkpoint="")
+T2I = {f.name: f.default for f in fields(TextToImageOptions) if f.default is not MISSING}
+I2T = {f.name: f.default for f in fields(ImageToTextOptions) if f.default is not MISSING}
 
 # option -> the owner's default, per command (the option's name is the typer parameter's)
 OWNED = {
@@ -38,20 +45,43 @@ OWNED = {
     "clip train": {"model": CLIP.model_name, "steps": CLIP.steps, "batch_size": CLIP.batch_size, "lr": CLIP.lr},
     "generate": {"method": SAMPLING.method, "guidance": SAMPLING.guidance_scale,
                  "temperature": SAMPLING.temperature, "top_p": SAMPLING.top_p, "cd_alpha": SAMPLING.cd_alpha,
-                 "cd_k": SAMPLING.cd_k, "seed": SAMPLING.seed, "retrieved": INDEX.retrieval.k},
+                 "cd_k": SAMPLING.cd_k, "seed": SAMPLING.seed, "retrieved": INDEX.retrieval.k,
+                 "image_guidance": SAMPLING.image_guidance_scale},
+    "serve": {"host": SERVE.host, "port": SERVE.port, "replicas": SERVE.replicas, "device": SERVE.device,
+              "int8": SERVE.int8, "max_batch_images": SERVE.max_batch_images, "batch_wait_ms": SERVE.batch_wait_ms,
+              "max_queued": SERVE.max_queued_requests, "max_body_bytes": SERVE.max_body_bytes},
+    "eval text-to-image": {"samples": T2I["samples"], "retrieved": T2I["retrieved"], "guidance": T2I["guidance"],
+                           "method": T2I["methods"], "rerank": T2I["rerank"], "seed": T2I["seed"],
+                           "batch_size": T2I["batch_size"], "temperature": T2I["temperature"],
+                           "top_p": T2I["top_p"], "cd_alpha": T2I["cd_alpha"], "cd_k": T2I["cd_k"]},
+    "eval caption": {"seed": I2T["seed"], "batch_size": I2T["batch_size"], "max_new_tokens": I2T["max_new_tokens"],
+                     "prompt": CAPTION_PROMPT},
+    "eval vqa": {"seed": I2T["seed"], "batch_size": I2T["batch_size"], "max_new_tokens": VQA_ANSWER_TOKENS,
+                 "image_pattern": IMAGE_PATTERN, "template": VQA_TEMPLATE},
     "caption": {"method": CAPTION_METHOD, "max_new_tokens": CAPTION_TOKENS, "seed": SAMPLING.seed},
 }
+
+def _ablation(kind):
+    """How an ablation option's comma-separated text reads as its owner's tuple."""
+    return lambda text: tuple(kind(part) for part in text.split(","))
+
+
 # how an option's text reads as its owner's value
-AS_OWNED = {("build-index", "memory_budget"): parse_memory_size}
+AS_OWNED = {("build-index", "memory_budget"): parse_memory_size,
+            ("eval text-to-image", "retrieved"): _ablation(int), ("eval text-to-image", "guidance"): _ablation(float),
+            ("eval text-to-image", "method"): _ablation(str)}
 
 # defaults that only the command line has (no library function or dataclass carries them)
 CLI_ONLY = {
+    "eval text-to-image": {"device"},  # auto: the first GPU, else the CPU (the options take a resolved device)
+    "eval caption": {"device"},
+    "eval vqa": {"device"},
     "ingest": {"retry_failed", "progress"},
     "tokenize": {"progress"},
     "build-index": {"progress", "online"},
     "search": {"k"},
     "model init": {"preset", "seed"},
-    "generate": {"n", "out", "rerank", "device"},
+    "generate": {"n", "out", "rerank", "device", "int8"},
     "caption": {"device"},
     "sft convert": {"image_pattern", "shard_rows", "seed"},
     "sft demo": {"n", "seed", "shard_rows"},

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from cm3.model.decoder import CM3, KVCache, image_cells
 from cm3.model.objective import cm3_loss
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
+FIXTURES = Path(__file__).parent / "fixtures"
 
 
 def small_config(**overrides) -> CM3Config:
@@ -56,8 +58,13 @@ def test_preset_parameter_counts_match_the_built_model(name):
     assert built == num_parameters(config)
 
 
+CHAMELEON = dict(activation="swiglu", positions="rope", tie_embeddings=False, norm="rmsnorm", qk_norm=True,
+                 qk_norm_affine=True, n_kv_heads=2, mlp_hidden_size=96)
+
+
 @pytest.mark.parametrize("overrides", [dict(activation="swiglu"), dict(positions="rope", tie_embeddings=False),
-                                       dict(image_grid=3, image_offset=60)])
+                                       dict(image_grid=3, image_offset=60), CHAMELEON,
+                                       dict(CHAMELEON, swin_norm=True, n_kv_heads=1)])
 def test_option_parameter_counts_match_the_built_model(overrides):
     config = small_config(**overrides)
     assert sum(p.numel() for p in CM3(config).parameters()) == num_parameters(config)
@@ -109,10 +116,48 @@ def test_init_follows_the_paper():
     assert {n for n, _ in with_qk.named_parameters()} == {n for n, _ in CM3(small_config()).named_parameters()}
 
 
+def test_checkpoints_saved_before_the_chameleon_options_load_and_give_the_same_logits():
+    """Folders written by the decoder before the options existed (tests/fixtures/pre_chameleon, config.json without
+    the new fields), with the logits that code computed from them on one thread: bit-identical."""
+    from safetensors.torch import load_file
+
+    folder = FIXTURES / "pre_chameleon"
+    expected = load_file(folder / "logits.safetensors")
+    for name in ("paper", "rope_swiglu_qknorm"):
+        assert "norm" not in json.loads((folder / name / "config.json").read_text())
+        model = CM3.from_pretrained(folder / name).eval()
+        assert (model.config.norm, model.config.kv_heads, model.config.swin_norm) == ("layernorm", 4, False)
+        with torch.no_grad():
+            assert torch.equal(model(expected["ids"]), expected[name]), name
+
+
+def test_chameleon_options_change_the_decoder_and_are_checked():
+    base, options = randomized(small_config(**CHAMELEON)), small_config(**CHAMELEON)
+    assert base.blocks[0].attn.qkv.weight.shape == (64 + 2 * 2 * 16, 64)  # 4 query heads, 2 key/value heads
+    assert base.blocks[0].attn.q_norm.weight.shape == (4, 16) and base.blocks[0].mlp.up.weight.shape == (96, 64)
+    swin = CM3(small_config(**CHAMELEON, swin_norm=True)).eval()
+    swin.load_state_dict(base.state_dict())
+    ids = torch.randint(0, 97, (1, 7))
+    with torch.no_grad():
+        assert not torch.allclose(swin(ids), base(ids), atol=1e-3)
+    assert CM3(options).blocks[0].attn.q_norm.bias.abs().sum() == 0  # affines start as identity
+    with pytest.raises(ValueError, match="n_kv_heads"):
+        small_config(n_kv_heads=3)
+    with pytest.raises(ValueError, match="norm"):
+        small_config(norm="batchnorm")
+    with pytest.raises(ValueError, match="qk_norm_affine needs qk_norm"):
+        small_config(qk_norm_affine=True)
+
+
 @pytest.mark.parametrize("positions", ["learned", "rope"])
-@pytest.mark.parametrize("qk_norm", [False, True])
+@pytest.mark.parametrize("qk_norm", [False, True, "chameleon"])
 def test_kv_cache_decoding_matches_a_full_forward(positions, qk_norm):
-    model = randomized(small_config(positions=positions, qk_norm=qk_norm, activation="swiglu" if qk_norm else "relu"))
+    if qk_norm == "chameleon":  # grouped-query attention: the cache holds the 2 key/value heads only
+        model = randomized(small_config(**{**CHAMELEON, "positions": positions}))
+        assert model.new_kv_cache(batch=2, max_len=32).keys.shape[2] == 2
+    else:
+        model = randomized(small_config(positions=positions, qk_norm=qk_norm,
+                                        activation="swiglu" if qk_norm else "relu"))
     ids = torch.randint(0, 97, (2, 24))
     with torch.no_grad():
         full = model(ids)
@@ -228,3 +273,57 @@ def test_tiny_model_overfits_a_fixed_batch():
     assert all(block.attn.out.weight.abs().max() > 0 for block in model.blocks)
     assert losses[0] == pytest.approx(torch.log(torch.tensor(97.0)).item(), abs=0.1)
     assert losses[-1] < 0.2 * losses[0], losses[::10]
+
+
+SEED_EXAMPLE = """
+import torch
+from cm3.model import CM3
+img = torch.randn(1, 3, 256, 256)
+caption = torch.randint(0, 20000, (1, 1024))
+model = CM3()
+output = model(img, caption)
+print(output.shape)  # (1, 1024, 20000)
+"""
+
+
+@pytest.mark.slow  # a random 350m model over 2,049 tokens: minutes on a busy 2-core machine
+@pytest.mark.timeout(1800)
+def test_the_seed_readmes_example_runs_as_written(capsys):
+    """The CM3Leon README's usage section, verbatim (without gradients, to spare memory): T is the whole
+    caption-first document (1024 caption ids, <break>, 1024 image tokens of the default 256 x 256 VQ-GAN) and V
+    the default vocabulary, not the (1, 1024, 20000) of its comment."""
+    scope = {}
+    with torch.inference_mode():
+        exec(SEED_EXAMPLE, scope)
+    assert capsys.readouterr().out.strip() == "torch.Size([1, 2049, 65536])"
+    model, img, caption = scope["model"], scope["img"], scope["caption"]
+    assert num_parameters(model.config) == num_parameters(CM3Config.from_preset("350m"))
+    assert sum(p.numel() for p in model.parameters()) == num_parameters(model.config)
+    ids = model.document_ids(img, caption)
+    vocab = model.vocabulary
+    assert ids[0, 1024].item() == vocab.break_ and vocab.is_image(ids[0, 1025:].numpy()).all()
+    assert ids[0, :1024].tolist() == vocab.text_ids(caption[0].tolist())
+    with pytest.raises(ValueError, match=r"\[0, 56764\).*\[70000\]"):
+        model.document_ids(img, torch.tensor([[5, 70000]]))
+
+
+def test_image_call_uses_the_checkpoints_tokenizer(tmp_path):
+    """A cm3 checkpoint that carries a tokenizer lays the image call out in that vocabulary; ids-only calls
+    are unchanged."""
+    from factories import TINY_F32, captions, make_tokenizer
+
+    from cm3.model.checkpoint import save_checkpoint
+
+    tokenizer = make_tokenizer(tmp_path / "tok", TINY_F32, captions())
+    config = CM3Config.from_preset("tiny", vocab_size=tokenizer.vocab.size, n_layers=1, d_model=32, n_heads=2)
+    save_checkpoint(tmp_path / "ckpt", CM3(config), tokenizer)
+    model = CM3.from_pretrained(tmp_path / "ckpt").eval()
+    images = torch.rand(2, 3, 256, 256) * 2 - 1
+    caption = torch.tensor([tokenizer.text.encode("a red circle")[:3]] * 2)
+    with torch.no_grad():
+        logits = model(images, caption)
+        vocab = tokenizer.vocab
+        expected = torch.tensor([[*vocab.text_ids(row.tolist()), vocab.break_, *image]
+                                 for row, image in zip(caption, tokenizer.encode_image(images).tolist())])
+        assert torch.equal(logits, model(expected))
+    assert logits.shape == (2, 3 + 1 + tokenizer.tokens_per_image, tokenizer.vocab.size)

@@ -9,21 +9,24 @@ import torch
 
 from cm3.model.config import CM3Config
 from cm3.model.decoder import CM3
+from cm3.model.engine import left_pad
 from cm3.model.generation import (
-    SamplingConfig,
-    apply_guidance,
     caption_image,
-    cd_k_scores,
     generate_image_tokens,
     generate_text,
     image_prompt,
-    left_pad,
     rerank_by_clip,
+    text_to_image,
+    unconditional_prompt,
+)
+from cm3.model.sampling import (
+    SamplingConfig,
+    apply_guidance,
+    cd_k_scores,
     restrict_to,
     sample,
-    text_to_image,
     top_p_filter,
-    unconditional_prompt,
+    uniform_draws,
 )
 from cm3.tokenizers.multimodal import MultimodalTokenizer
 from cm3.tokenizers.text import TextTokenizer
@@ -112,9 +115,25 @@ def test_cd_k_plausibility_set_uses_the_kth_largest_expert_probability():
 def test_restrict_to_and_sample_never_leave_the_allowed_set():
     logits = torch.zeros(64, 10)
     allowed = torch.tensor([False, True, False, True] + [False] * 6)
-    generator = torch.Generator().manual_seed(0)
-    drawn = sample(restrict_to(logits, allowed), 1.0, generator)
+    draws = uniform_draws(torch.zeros(64, dtype=torch.long), torch.arange(64), 0)
+    drawn = sample(restrict_to(logits, allowed), draws)
     assert set(drawn.tolist()) == {1, 3}
+
+
+def test_uniform_draws_are_a_function_of_seed_sample_and_step():
+    seeds, samples = torch.tensor([0, 0, 1, 2**32 - 1]), torch.tensor([0, 1, 0, 0])
+    draws = uniform_draws(seeds, samples, 3)
+    assert torch.equal(uniform_draws(seeds, samples, torch.tensor([2, 3]))[1], draws)  # a table of steps
+    assert torch.equal(draws[1:2], uniform_draws(seeds[1:2], samples[1:2], 3))  # rows are independent
+    assert not torch.equal(draws, uniform_draws(seeds, samples, 4))
+    assert len(set(draws.tolist())) == 4  # every (seed, sample) its own stream
+    many = uniform_draws(torch.zeros(20000, dtype=torch.long), torch.arange(20000), 0)
+    assert (many > 0).all() and (many < 1).all()
+    assert abs(many.mean().item() - 0.5) < 0.01 and abs(many.var().item() - 1 / 12) < 0.005
+    # the inverse CDF picks token j with probability p_j
+    probs = torch.tensor([0.5, 0.3, 0.2])
+    picks = sample(probs.log().expand(20000, 3), many).bincount(minlength=3) / 20000
+    assert torch.allclose(picks, probs, atol=0.015)
 
 
 def test_sampling_config_rejects_unknown_methods():
@@ -134,12 +153,12 @@ def test_guidance_scale_one_equals_plain_conditional_sampling(model):
     # (padding hidden from attention), full forward every step (no cache)
     length = max(len(p) for p in [*prompts, unconditional_prompt(VOCAB)])
     seq = left_pad([[VOCAB.pad] * (length - len(p)) + p for p in prompts], VOCAB.pad)
-    generator = torch.Generator().manual_seed(3)
-    lo = VOCAB.image_offset
+    lo, rows = VOCAB.image_offset, torch.arange(len(prompts))
     with torch.no_grad():
-        for _ in range(12):
+        for step in range(12):
             logits = model(seq, key_padding=seq == VOCAB.pad)[:, -1, lo:]
-            token = sample(top_p_filter(logits / 0.8, 0.9), 1.0, generator) + lo
+            draws = uniform_draws(torch.full_like(rows, 3), rows, step)
+            token = sample(top_p_filter(logits / 0.8, 0.9), draws) + lo
             seq = torch.cat([seq, token[:, None]], dim=1)
     assert torch.equal(ours, seq[:, length:])
     guided = generate_image_tokens(model, VOCAB, prompts, 12, SamplingConfig(guidance_scale=3.0, seed=3))

@@ -12,7 +12,10 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
+import torch
 
 from cm3.model.train_metrics import read_metrics
 from conftest import BIN
@@ -271,3 +274,37 @@ def test_paths_handed_to_workers_are_absolute():
     resolved = absolute_paths(TrainOptions(stage="sft", shards=Path("rel/shards"), init=Path("rel/init")))
     assert resolved.shards == Path.cwd() / "rel" / "shards" and resolved.init == Path.cwd() / "rel" / "init"
     assert resolved.storage.is_absolute() and resolved.tokenizer is None
+
+
+def test_chameleon_sft_with_the_image_head_only(tmp_path, ray_local):
+    """A converted (tiny) Chameleon, instruction-tuned on shards laid out in its own vocabulary: only the output
+    head's image rows move; CM3's infilling objective is refused (Chameleon has no <mask:i>)."""
+    from chameleon_models import hf_model, write_hf_folder, write_vqgan
+
+    from cm3.model.chameleon import convert_chameleon
+    from cm3.model.checkpoint import load_checkpoint
+    from cm3.workflows.train import run_training
+
+    write_vqgan(tmp_path / "vq.ckpt", tmp_path / "vq.yaml")
+    convert_chameleon(write_hf_folder(hf_model(), tmp_path / "hf"), tmp_path / "init", vqgan=tmp_path / "vq.ckpt",
+                      vqgan_config=tmp_path / "vq.yaml")
+    init, tokenizer = load_checkpoint(tmp_path / "init")
+    vocab = tokenizer.vocab
+    rows = []
+    for i in range(32):
+        text, codes = tokenizer.encode_caption(f"shape {i % 4}"), [(i % 4 + k) % 64 for k in range(16)]
+        rows.append({"ids": [vocab.bos, *vocab.join([(False, text), (True, vocab.image_ids(codes).tolist())]),
+                             vocab.eos]})
+    (tmp_path / "sft").mkdir()
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "sft" / "00000.parquet")
+    with pytest.raises(ValueError, match="--no-cm3"):
+        run_training(options("sft", tmp_path / "sft", tmp_path / "runs", init=tmp_path / "init", seq_len=64))
+    result = run_training(options("sft", tmp_path / "sft", tmp_path / "runs", init=tmp_path / "init", seq_len=64,
+                                  cm3=False, trainable="image-head", steps=4, batch_tokens=4 * 64))
+    tuned, _ = load_checkpoint(result.checkpoint)
+    image = torch.from_numpy(vocab.image_id_table())
+    text = torch.ones(vocab.size, dtype=torch.bool)
+    text[image] = False
+    assert torch.equal(tuned.lm_head.weight[text], init.lm_head.weight[text])
+    assert not torch.equal(tuned.lm_head.weight[image], init.lm_head.weight[image])
+    assert torch.equal(tuned.blocks[1].mlp.up.weight, init.blocks[1].mlp.up.weight)

@@ -140,35 +140,48 @@ def task_example(vocab: Vocabulary, task: str, instruction_ids: Sequence[int], t
     """One SFT example in the layout of ``task`` (module docstring); the two image arguments are VQ codes
     (named as the SFT task-shard columns that hold them), ``source_ids`` the editing layout's source prompt."""
 
-    def image(codes: ArrayLike | None, column: str) -> ArrayLike:
+    def image(codes: ArrayLike | None, column: str) -> tuple[bool, list[int]]:
         if codes is None or np.size(codes) != tokens_per_image:
             raise ValueError(f"{column} must hold {tokens_per_image} codes")
-        return codes
+        return True, vocab.image_ids(codes).reshape(-1).tolist()
 
     if task in ("captioning", "vqa"):
-        documents = [encode_document(vocab, [*instruction_ids, *answer_ids], image(input_image_ids, "input_image_ids"),
-                                     "image_first")]
+        parts = [image(input_image_ids, "input_image_ids"), (False, [*instruction_ids, *answer_ids])]
     elif task in ("text_to_image", "grounded_generation"):
-        documents = [encode_document(vocab, instruction_ids, image(output_image_ids, "output_image_ids"))]
+        parts = [(False, list(instruction_ids)), image(output_image_ids, "output_image_ids")]
     elif task == "image_editing":
-        documents = [encode_document(vocab, source_ids, image(input_image_ids, "input_image_ids")),
-                     encode_document(vocab, instruction_ids, image(output_image_ids, "output_image_ids"))]
+        parts = [(False, list(source_ids)), image(input_image_ids, "input_image_ids"), (False, list(instruction_ids)),
+                 image(output_image_ids, "output_image_ids")]
     else:
         raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
-    return _joined(vocab, documents) + [vocab.eod]
+    for is_image, part in parts:
+        if not is_image:
+            vocab.bpe_ids(part)  # validates: text ids only
+    # cm3: <eod> part <break> part ... <eod>; a Chameleon vocabulary: <s> text <racm3:break> IMG <eoss> ... </s>
+    return [vocab.bos, *vocab.join(parts), vocab.eos]
 
 
-def image_prompt(vocab: Vocabulary, caption_ids: Sequence[int], retrieved: Sequence[Sequence[int]] = ()) -> list[int]:
-    """``<eod> [document <break>]* caption <break>``: the conditional text-to-image prompt; ``retrieved`` are laid-out
-    documents (``encode_document``)."""
-    return _joined(vocab, [*retrieved, caption_ids]) + [vocab.break_]
+def image_prompt(vocab: Vocabulary, caption_ids: Sequence[int],
+                 retrieved: Sequence[tuple[Sequence[int], Sequence[int]]] = ()) -> list[int]:
+    """``<eod> [text <break> IMG <break>]* caption <break>``: the conditional text-to-image prompt; ``retrieved`` are
+    (joint text ids, joint image ids) documents. Built from the vocabulary's layout names (``bos``, ``join``,
+    ``begin_image``), so a Chameleon vocabulary gets its own image markers."""
+    parts = [part for text, image in retrieved for part in ((False, text), (True, image))]
+    return [vocab.bos, *vocab.join([*parts, (False, caption_ids)]), vocab.begin_image]
 
 
 def unconditional_prompt(vocab: Vocabulary) -> list[int]:
     """``<eod> <mask:0> <break>``: the prompt text replaced by the CM3 mask token, as in the paper's CFG."""
-    return image_prompt(vocab, [vocab.sentinel(0)])
+    return [vocab.bos, *vocab.join([(False, vocab.unconditional_fill)]), vocab.begin_image]
+
+
+def image_only_prompt(vocab: Vocabulary, prompt: Sequence[int]) -> list[int]:
+    """The prompt with its text removed (images and their markers kept): the image-conditioned stream of
+    Chameleon's guidance."""
+    keep = {vocab.bos, vocab.begin_image, vocab.end_image}
+    return [t for t in prompt if t in keep or bool(vocab.is_image(t))]
 
 
 def caption_prompt(vocab: Vocabulary, image_ids: Sequence[int], question_ids: Sequence[int] = ()) -> list[int]:
     """``<eod> IMG <break> [question]``: the image-to-text prompt (``image_ids`` are joint ids)."""
-    return _joined(vocab, [image_ids, question_ids])
+    return [vocab.bos, *vocab.join([(True, image_ids), (False, question_ids)])]

@@ -21,9 +21,10 @@ import torch
 from numpy.typing import ArrayLike
 
 from cm3.core.files import PathLike, atomic_folder
-from cm3.tokenizers.layout import Order, decode_document, encode_document
+from cm3.tokenizers.chameleon import ChameleonVocabulary
+from cm3.tokenizers.layout import Order, decode_document
 from cm3.tokenizers.text import TextTokenizer, train_from_shards
-from cm3.tokenizers.vocabulary import Vocabulary
+from cm3.tokenizers.vocabulary import Vocabulary, vocabulary_from_dict
 from cm3.tokenizers.vqgan import VQGAN
 
 FORMAT_VERSION = 1
@@ -33,9 +34,10 @@ VOCAB_FILE = "vocabulary.json"
 
 
 class MultimodalTokenizer:
-    """Text and images in, joint-space ids out, and back."""
+    """Text and images in, joint-space ids out, and back. The vocabulary is cm3's own layout (`Vocabulary`) or a
+    converted Chameleon checkpoint's (`ChameleonVocabulary`, whose BPE ids are its joint ids)."""
 
-    def __init__(self, text: TextTokenizer, vq: VQGAN, vocab: Vocabulary | None = None):
+    def __init__(self, text: TextTokenizer, vq: VQGAN, vocab: Vocabulary | ChameleonVocabulary | None = None):
         self.text = text
         self.vq = vq
         self.vocab = vocab or Vocabulary(text_vocab_size=text.vocab_size, image_vocab_size=vq.config.n_embed)
@@ -69,7 +71,8 @@ class MultimodalTokenizer:
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         """Images float [B, 3, H, W] in [-1, 1] -> joint ids LongTensor [B, N] (on the VQ-GAN's device)."""
-        return self.vq.encode(images).flatten(1) + self.vocab.image_offset
+        codes = self.vq.encode(images).flatten(1)
+        return torch.from_numpy(self.vocab.image_ids(codes.cpu().numpy())).to(codes.device)
 
     def decode_image(self, ids: torch.Tensor | ArrayLike) -> torch.Tensor:
         """Joint image ids [B, N] -> images float [B, 3, H, W] in [-1, 1]."""
@@ -88,7 +91,7 @@ class MultimodalTokenizer:
             image_codes = _numpy(image_codes)
             if image_codes.size != self.tokens_per_image:
                 raise ValueError(f"an image is {self.tokens_per_image} codes, got {image_codes.size}")
-        return encode_document(self.vocab, self.encode_caption(caption or ""), image_codes, order)
+        return self.vocab.document(self.encode_caption(caption or ""), image_codes, order)
 
     def parse(self, ids: ArrayLike) -> tuple[str, np.ndarray | None, Order | None]:
         """Inverse of `document`: (caption, codes [h, w] or None, order or None for one modality)."""
@@ -122,7 +125,7 @@ class MultimodalTokenizer:
             raise ValueError(f"{vocab_path}: format_version {meta.get('format_version')!r} is not "
                              f"{FORMAT_VERSION}, the one this code reads")
         try:
-            vocab = Vocabulary.from_dict(meta.get("vocabulary"))
+            vocab = vocabulary_from_dict(meta.get("vocabulary"))
         except (TypeError, ValueError) as err:
             raise ValueError(f"{vocab_path}: invalid vocabulary: {err}") from err
         text = TextTokenizer.from_file(root / TEXT_FILE)

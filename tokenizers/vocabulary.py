@@ -7,15 +7,23 @@ are the text tokenizer's own ids; *codes* are VQ-GAN codebook indices. Layout, l
 
 Images come last as ONE contiguous range, so "is this an image token" is a single comparison
 and restricting generation to image tokens is a slice of the logits.
+
+Generation, captioning and instruction-tuning layouts ask a vocabulary only for the names in "Layout" below
+(`bos`, `eos`, `begin_image`, `end_image`, `join`, ...), which `ChameleonVocabulary` (tokenizers/chameleon.py)
+answers too: a converted Chameleon checkpoint keeps its own ids and its own image markers.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 from numpy.typing import ArrayLike
+
+if TYPE_CHECKING:
+    from cm3.tokenizers.layout import Order
 
 SPECIAL_NAMES: tuple[str, ...] = ("<pad>", "<eod>", "<break>", "<eoss>")
 
@@ -124,11 +132,65 @@ class Vocabulary:
             return f"<img:{i - self.image_offset}>"
         raise ValueError(f"id {i} is outside the vocabulary [0, {self.size})")
 
+    # Layout: where sequences start and end and how images sit between text.
+
+    @property
+    def bos(self) -> int:
+        """Opens every sequence."""
+        return self.eod
+
+    @property
+    def eos(self) -> int:
+        """Ends a document: where text generation stops."""
+        return self.eod
+
+    @property
+    def stop_ids(self) -> tuple[int, ...]:
+        """Where generated text ends."""
+        return (self.eod,)
+
+    @property
+    def begin_image(self) -> int:
+        """The last prompt token before image tokens are generated."""
+        return self.break_
+
+    @property
+    def end_image(self) -> int:
+        """The token that follows a generated image."""
+        return self.break_
+
+    @property
+    def unconditional_fill(self) -> tuple[int, ...]:
+        """What replaces the prompt's text in classifier-free guidance's unconditional stream (CM3: <mask:0>)."""
+        return (self.sentinel(0),)
+
+    def join(self, parts: Sequence[tuple[bool, Sequence[int]]]) -> list[int]:
+        """(is_image, joint ids) parts as one sequence: a <break> at every transition between two parts."""
+        ids: list[int] = []
+        for i, (_, part) in enumerate(parts):
+            ids += ([self.break_] if i else []) + list(part)
+        return ids
+
+    def document(self, text_ids: Sequence[int], image_codes: ArrayLike | None, order: Order = "caption_first"):
+        """One document of joint text ids and one image's codes (`cm3.tokenizers.layout.encode_document`)."""
+        from cm3.tokenizers.layout import encode_document  # layout builds on this module
+
+        return encode_document(self, text_ids, image_codes, order)
+
+    def image_id_table(self) -> np.ndarray:
+        """The joint id of every VQ code, indexed by code."""
+        return np.arange(self.image_offset, self.size, dtype=np.int64)
+
+    def text_mask(self) -> np.ndarray:
+        """bool [size]: which ids are text (what captioning may write)."""
+        return self.is_text(np.arange(self.size))
+
     def to_dict(self) -> dict[str, int]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict) -> Vocabulary:
+        """cm3's vocabulary from its dict (see `vocabulary_from_dict` for either kind)."""
         names = {f.name for f in fields(cls)}
         if not isinstance(data, dict):
             raise ValueError(f"a vocabulary must be a dict, got {type(data).__name__}")
@@ -172,3 +234,19 @@ def _check_range(values: np.ndarray, count: int, kind: str) -> None:
     bad = np.flatnonzero((values < 0) | (values >= count))
     if bad.size:
         raise ValueError(f"{kind} {int(values.flat[bad[0]])} is outside [0, {count})")
+
+
+def vocabulary_from_dict(data: dict):
+    """A `Vocabulary`, or a `ChameleonVocabulary` for a dict of kind "chameleon" (its `to_dict`)."""
+    if isinstance(data, dict) and data.get("kind") is not None:
+        from cm3.tokenizers.chameleon import ChameleonVocabulary
+
+        return ChameleonVocabulary.from_dict(data)
+    return Vocabulary.from_dict(data)
+
+
+# Chameleon's joint vocabulary size. CM3Leon's BPE has 56,320 tokens (the paper); the default vocabulary fills
+# 65,536 exactly with 8,192 image codes and the specials, so `CM3()` and its image call agree on every id.
+DEFAULT_VOCAB_SIZE = 65_536
+DEFAULT_VOCABULARY = Vocabulary(text_vocab_size=DEFAULT_VOCAB_SIZE - 8192 - Vocabulary(1, 1).text_offset,
+                                image_vocab_size=8192)

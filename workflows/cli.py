@@ -10,10 +10,11 @@ import sys
 
 import typer
 
+from cm3.workflows.commands.convert import convert_chameleon_command
 from cm3.workflows.commands.data import ingest, tokenize, demo_data_serve, demo_data_write_urls, demo
 from cm3.workflows.commands.evaluate import eval_caption, eval_text_to_image, eval_vqa
 from cm3.workflows.commands.index import build_index_command, search
-from cm3.workflows.commands.model import model_init, generate, caption
+from cm3.workflows.commands.model import model_init, generate, caption, serve_command
 from cm3.workflows.commands.sft import sft_convert, sft_demo
 from cm3.workflows.commands.tokenizers import tokenizer_train_vq, tokenizer_train_text, tokenizer_build, clip_train
 from cm3.workflows.commands.train import train_command
@@ -38,6 +39,8 @@ app.add_typer(model_app, name="model")
 eval_app = typer.Typer(help="Score a checkpoint on your data: FID, FD-CLIP, CLIP score, CIDEr, BLEU-4, VQA accuracy.",
                        no_args_is_help=True)
 app.add_typer(eval_app, name="eval")
+convert_app = typer.Typer(help="Convert Chameleon or Anole weights into cm3 checkpoints.", no_args_is_help=True)
+app.add_typer(convert_app, name="convert")
 
 app.command()(ingest)
 sft_app.command("convert")(sft_convert)
@@ -50,8 +53,10 @@ app.command()(tokenize)
 app.command("build-index")(build_index_command)
 app.command()(search)
 model_app.command("init")(model_init)
+convert_app.command("chameleon")(convert_chameleon_command)
 app.command()(generate)
 app.command()(caption)
+app.command("serve")(serve_command)
 demo_data_app.command("serve")(demo_data_serve)
 demo_data_app.command("write-urls")(demo_data_write_urls)
 app.command()(demo)

@@ -15,10 +15,11 @@ def _is_loopback(address: str) -> bool:
     return host in ("127.0.0.1", "localhost", "::1")
 
 
-def connect(address: str | None = None, num_cpus: int | None = None, quiet: bool = False) -> str | None:
+def connect(address: str | None = None, num_cpus: int | None = None, quiet: bool = False,
+            dashboard: bool = True) -> str | None:
     """Start or join Ray; returns the dashboard URL (printed unless ``quiet``).
 
-    ``address=None`` starts a local cluster bound to loopback with the dashboard on;
+    ``address=None`` starts a local cluster bound to loopback, with the dashboard on unless ``dashboard`` is False;
     ``"auto"`` joins the cluster started on this machine by ``ray start``; ``host:port`` joins that head.
     """
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -31,7 +32,7 @@ def connect(address: str | None = None, num_cpus: int | None = None, quiet: bool
         os.environ.setdefault("RAY_worker_niceness", "0")
         kwargs.update(
             address="local",  # always a new cluster, never one that `ray start` left on this machine
-            include_dashboard=True,
+            include_dashboard=dashboard,
             dashboard_host=LOOPBACK,
             _node_ip_address=LOOPBACK,
             num_cpus=num_cpus,

@@ -69,6 +69,7 @@ class TrainOptions:
     activation_checkpointing: str = "none"  # none, full, or N: every N-th block
     compile: bool = False
     float8: bool = False
+    trainable: str = "all"  # or "image-head": only the output head's image-token rows (Anole's recipe)
     profile: int = 0  # steps to trace with the torch profiler (0: none)
     prefetch: int = 2  # steps of batches the background producer keeps ready
     checkpoint_every: int = 100
@@ -202,11 +203,13 @@ def plan_run(options: TrainOptions):
     from cm3.model.train_checkpoint import latest_checkpoint
     from cm3.model.train_data import shard_units
     from cm3.model.train_loop import LoopConfig
-    from cm3.model.train_step import grad_accumulation, total_steps_for
+    from cm3.model.train_step import TRAINABLE, grad_accumulation, total_steps_for
     from cm3.tokenizers.multimodal import MultimodalTokenizer
 
     if options.stage not in STAGES:
         raise ValueError(f"stage must be one of {STAGES}, got {options.stage!r}")
+    if options.trainable not in TRAINABLE:
+        raise ValueError(f"--trainable must be one of {TRAINABLE}, got {options.trainable!r}")
     if options.stage == "sft" and options.init is None:
         raise ValueError("stage sft needs --init: a pretrained cm3 checkpoint (or the pretrain run folder)")
     for name in ("batch_size", "num_workers", "checkpoint_every", "keep", "log_every", "prefetch"):
@@ -229,6 +232,9 @@ def plan_run(options: TrainOptions):
         raise ValueError("give --tokenizer (the vocabulary to train with) or --init (a checkpoint that has one)")
     tokenizer = MultimodalTokenizer.load(options.tokenizer if options.tokenizer is not None else init / "tokenizer")
     vocab_size = tokenizer.vocab.size
+    if options.cm3 and not tokenizer.vocab.num_sentinels:
+        raise ValueError("this vocabulary has no <mask:i> tokens for CM3's infilling objective (a converted "
+                         "Chameleon's has none): train with --no-cm3 (next-token prediction, as Chameleon was tuned)")
     if init is not None:
         config = CM3Config.from_dict(json.loads((init / "config.json").read_text()))
         if config.vocab_size != vocab_size:
@@ -236,6 +242,9 @@ def plan_run(options: TrainOptions):
                              f"{options.tokenizer or init / 'tokenizer'} has {vocab_size}; they must match")
         if options.model_overrides:
             raise ValueError(f"--set {sorted(options.model_overrides)} cannot change the shape of the --init model")
+        if options.trainable == "image-head" and config.tie_embeddings:
+            raise ValueError(f"--trainable image-head needs an untied output head; --init {init} ties it to the "
+                             "token embedding (a converted Chameleon does not)")
     else:
         size = {"max_seq_len": options.seq_len} if options.seq_len else {}
         overrides = with_image_offset({**size, **options.model_overrides}, tokenizer)
@@ -262,7 +271,8 @@ def plan_run(options: TrainOptions):
         accumulation=grad_accumulation(config.batch_tokens, options.batch_size, seq_len, options.num_workers),
         run_dir=str(options.run_dir), run_name=options.run_name, seed=options.seed,
         init=str(init) if init is not None else None, parallelism=parallel.parallelism, ac_every=parallel.ac_every,
-        compile=parallel.compile, float8=parallel.float8, threads=options.threads_per_worker,
+        compile=parallel.compile, float8=parallel.float8, trainable=options.trainable,
+        threads=options.threads_per_worker,
         checkpoint_every=options.checkpoint_every, log_every=options.log_every, profile_steps=options.profile,
         prefetch=options.prefetch, fail_at_step=int(fail_at) if fail_at else None,
     )

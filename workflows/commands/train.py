@@ -61,6 +61,8 @@ def train_command(
     compile_model: bool = typer.Option(D.compile, "--compile", help="torch.compile each block."),
     float8: bool = typer.Option(D.float8, "--float8", help="float8 matmuls in the blocks (torchao; H100-class GPUs, "
                                                            "760m and larger)."),
+    trainable: str = typer.Option(D.trainable, help="all, or image-head: only the output head's image-token rows "
+                                                    "(Anole's recipe for Chameleon; needs an untied head)."),
     profile: int = typer.Option(D.profile, min=0, help="Trace this many steps with the torch profiler "
                                                        "(STORAGE/NAME/profile/rankR.json)."),
     prefetch: int = typer.Option(D.prefetch, min=1, help="Steps of batches the background producer keeps ready."),
@@ -82,6 +84,9 @@ def train_command(
       --parallelism fsdp --activation-checkpointing 2 --compile --ray-address HEAD:6379
 
       cm3 train --stage sft --shards data/sft --init runs/train/cm3-pretrain --steps 500 --lr 1e-4
+
+      cm3 train --stage sft --shards data/sft-chameleon --init ckpt/chameleon-7b --no-cm3 --trainable image-head
+      --activation-checkpointing full --num-workers 8 --batch-size 1 --steps 1000 --lr 2e-4
     """
     from cm3.workflows.train import run_training
 
@@ -93,7 +98,7 @@ def train_command(
             retrieved_max=retrieved_max, image_first=image_first, cm3=cm3, seed=seed, num_workers=num_workers,
             cpus_per_worker=cpus_per_worker, threads_per_worker=threads_per_worker, use_gpu=gpu,
             parallelism=parallelism, activation_checkpointing=activation_checkpointing, compile=compile_model,
-            float8=float8, profile=profile, prefetch=prefetch, checkpoint_every=checkpoint_every, keep=keep,
+            float8=float8, trainable=trainable, profile=profile, prefetch=prefetch, checkpoint_every=checkpoint_every, keep=keep,
             max_failures=max_failures, log_every=log_every, ray_address=ray_address,
         )
         run_training(options)

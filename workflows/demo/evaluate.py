@@ -90,13 +90,12 @@ def generate_for_specs(model, tokenizer, specs: Sequence[ShapeSpec], samples: in
                        retriever=None, retrieved: int = 0, batch_prompts: int = 16) -> torch.Tensor:
     """``samples`` images per spec's caption [len(specs) * samples, 3, H, W] (a spec's samples next to each
     other), with ``retrieved`` documents from ``retriever`` prepended to each prompt; prompts are batched."""
-    from cm3.model.generation import generate_image_tokens, image_prompt
+    from cm3.model.generation import generate_image_tokens, text_to_image_prompt
 
     prompts = []
     for spec in specs:
         documents = retriever.for_text(spec.caption, retrieved) if retrieved else []
-        docs = [tokenizer.document(caption, codes, "caption_first") for caption, codes in documents]
-        prompts += [image_prompt(tokenizer.vocab, tokenizer.encode_caption(spec.caption), docs)] * samples
+        prompts += [text_to_image_prompt(tokenizer, spec.caption, documents)] * samples
     rows = batch_prompts * samples
     ids = [generate_image_tokens(model, tokenizer.vocab, prompts[start:start + rows], tokenizer.tokens_per_image,
                                  replace(sampling, seed=None if sampling.seed is None else sampling.seed + start))

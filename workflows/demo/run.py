@@ -69,8 +69,11 @@ class DemoSize:
     sft_steps: int = 250
     sft_lr: float = 1e-3
     train_threads: int = 2  # the training worker holds 1 CPU (Ray Data reads beside it) but uses both cores
-    guidance: float = 3.0  # CFG scale of every generation but the "no CFG" ablation
-    temperature: float = 0.7  # sampling temperature of every generation (with top-p 0.9 / CD-K and CFG)
+    # CFG scale of every generation but the "no CFG" ablation, and the sampling temperature of every generation
+    # (with top-p 0.9 / CD-K): chosen by a sweep on a finished run (docs/demo.md); a higher scale draws the colour
+    # more often and the shape less often
+    guidance: float = 2.0
+    temperature: float = 0.5
     prompts: int = 24  # prompts per group (seen pairs, held-out pairs), each sampled `samples` times
     samples: int = 2
     caption_images: int = 48  # new images per group that the decoder captions
