@@ -50,6 +50,7 @@ from cm3.core.shards import (
 from cm3.pipeline.image_checks import GuardedResizer
 from cm3.pipeline.summary import summarise
 from cm3.pipeline.url_list import UrlListSpec, iter_chunks
+from cm3.pipeline.url_schemes import install_http_only_opener
 
 COLUMNS = ["caption", "url"]  # the order img2dataset's reader hands columns to its downloader
 CONFIG_FILE = "ingest_config.json"
@@ -95,7 +96,9 @@ def _oom_sample_per_shard(settings: DownloadSettings) -> int:
 
 def _make_downloader(settings: DownloadSettings, output_folder: Path):
     """img2dataset's downloader; imported here, in the Ray worker, so the driver never pays for
-    img2dataset's imports (torch, wandb, albumentations: seconds per command)."""
+    img2dataset's imports (torch, wandb, albumentations: seconds per command). The worker's urllib fetches
+    http and https only (``cm3.pipeline.url_schemes``)."""
+    install_http_only_opener()
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations phones home on import
     from img2dataset.downloader import Downloader
     from img2dataset.resizer import Resizer

@@ -16,6 +16,8 @@ import cv2
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from cm3.pipeline.url_schemes import REFUSED
+
 _JPEG_START = b"\xff\xd8"
 _JPEG_END = b"\xff\xd9"
 _PNG_START = b"\x89PNG\r\n\x1a\n"
@@ -73,6 +75,8 @@ _HTTP_STATUS = re.compile(r"HTTP Error (\d{3})")
 def failure_reason(error_message: str) -> str:
     """Fold img2dataset's free-text error messages into a few stable reason names for summaries."""
     message = error_message.lower()
+    if REFUSED.lower() in message or message.startswith("unknown url type"):  # the latter: urllib, no scheme at all
+        return "unsupported_scheme"
     status = _HTTP_STATUS.search(error_message)
     if status:
         return f"http_{status.group(1)}"
@@ -90,7 +94,7 @@ def failure_reason(error_message: str) -> str:
         return "aspect_ratio_too_large"
     if "x-robots-tag" in message:
         return "disallowed_by_robots"
-    if "unknown url type" in message or "no host given" in message or "invalid url" in message:
+    if "no host given" in message or "invalid url" in message:
         return "invalid_url"
     if "urlopen error" in message or "connection" in message or "remote end closed" in message:
         return "connection_error"

@@ -36,7 +36,7 @@ def convert(name: str, fmt: Format, task: str, sources: Sources, images: ImageFo
     for item in fmt.read(name, task, sources):
         if isinstance(item, Example):
             for ref in item.images:
-                with suppress(OutsideRoot):  # counted, not fatal: the second pass skips the record
+                with suppress(OutsideRoot, FileNotFoundError):  # counted, not fatal: the second pass skips it
                     images.locate(ref)
     skips, count = Skips(), 0
 

@@ -4,6 +4,7 @@ It lets the download/ingest stage be exercised end to end without internet: imag
 generated on the fly from their index, URL lists come in every format the ingester reads,
 and ``/broken/...`` serves each failure mode a real crawl meets (404, truncated bytes,
 HTML instead of an image, a stalled server, redirects, decompression bombs, odd modes).
+``/redirect?to=URL`` redirects anywhere, as a hostile server would (to ``file:``, ``ftp:``, ...).
 """
 
 from __future__ import annotations
@@ -220,6 +221,8 @@ class _Handler(BaseHTTPRequestHandler):
             broken = query.get("broken", ["0"])[0] not in ("0", "", "false")
             rows = url_rows(demo.url, demo.n, demo.seed, demo.split, include_broken=broken, limit=limit)
             return self._send(200, URL_LIST_FORMATS[fmt], encode_url_list(rows, fmt))
+        if path == "/redirect" and "to" in query:
+            return self._send(302, "text/plain; charset=utf-8", b"moved\n", {"Location": query["to"][0]})
         return self._broken(path)
 
     def _broken(self, path: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import os
@@ -9,6 +10,7 @@ import signal
 import subprocess
 import time
 from pathlib import Path
+from urllib.parse import urlencode
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -35,21 +37,43 @@ def snapshot(folder: Path) -> dict[str, float]:
     return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in folder.rglob("*")} if folder.exists() else {}
 
 
+def hostile_urls(server, secret: Path) -> list[str]:
+    """URLs that would reach this machine's own files (or another protocol) if ingest fetched more than http(s)."""
+    inline = "data:image/png;base64," + base64.b64encode(secret.read_bytes()).decode()
+    return [secret.as_uri(), secret.as_uri().replace("file:", "FILE:"), str(secret), inline, "ftp://127.0.0.1:9/a.jpg",
+            "gopher://127.0.0.1:9/a.jpg", f"{server.url}/redirect?{urlencode({'to': secret.as_uri()})}",
+            f"{server.url}/redirect?{urlencode({'to': 'ftp://127.0.0.1:9/a.jpg'})}"]
+
+
 def test_happy_path_and_every_broken_case_on_a_local_cluster(demo_server, tmp_path):
     urls = tmp_path / "urls.jsonl"
     write_url_list(urls, demo_server.url, 60, include_broken=True)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    secret = outside / "secret.png"
+    Image.new("RGB", (64, 64), (13, 200, 77)).save(secret)  # a real image: fetched, it would be a success
+    hostile = hostile_urls(demo_server, secret)
+    with urls.open("a") as handle:  # captions that would land in `outside` if anything used them as paths
+        handle.writelines(json.dumps({"url": url, "caption": f"../../outside/{i}.jpg"}) + "\n"
+                          for i, url in enumerate(hostile))
+    before = snapshot(outside)
     out = tmp_path / "raw"
     proc = cm3("ingest", str(urls), "--out", str(out), "--shard-rows", "25", "--timeout", "2",
                "--threads", "8", "--no-progress", check=True)
     assert "dashboard: http://127.0.0.1:" in proc.stdout
 
     rows = read_rows(out)
-    assert len(rows) == 60 + len(BROKEN_CASES)
+    assert len(rows) == 60 + len(BROKEN_CASES) + len(hostile)
     by_url = {row["url"]: row for row in rows}
     for name, (path, expected) in BROKEN_CASES.items():
         row = by_url[demo_server.url + path]
         outcome = "success" if row["status"] == "success" else failure_reason(row["error_message"])
         assert outcome == expected, (name, row["status"], row["error_message"])
+    for url in hostile:
+        row = by_url[url]
+        assert row["status"] == "failed_to_download" and row["jpg"] is None, (url, row["error_message"])
+        assert failure_reason(row["error_message"]) == "unsupported_scheme", (url, row["error_message"])
+    assert snapshot(outside) == before
 
     successes = [row for row in rows if row["status"] == "success"]
     expected_ok = 60 + sum(1 for _, outcome in BROKEN_CASES.values() if outcome == "success")
@@ -67,12 +91,11 @@ def test_happy_path_and_every_broken_case_on_a_local_cluster(demo_server, tmp_pa
     summary = json.loads((out / "ingest_summary.json").read_text())
     assert summary["count"] == len(rows) and summary["successes"] == expected_ok
     failures = {outcome: 1 for _, outcome in BROKEN_CASES.values() if outcome != "success"}
-    assert summary["failures_by_reason"] == failures
+    assert summary["failures_by_reason"] == {**failures, "unsupported_scheme": len(hostile)}
     assert summary["this_run"]["images_per_second"] > 0
-    assert sorted(p.name for p in out.glob("*_stats.json")) == ["00000_stats.json", "00001_stats.json",
-                                                                "00002_stats.json"]
+    assert sorted(p.name for p in out.glob("*_stats.json")) == [f"{i:05d}_stats.json" for i in range(4)]
     assert not (out / TMP_DIR).exists()
-    assert "failures by reason:" in proc.stdout
+    assert "failures by reason:" in proc.stdout and f"unsupported_scheme: {len(hostile)}" in proc.stdout
 
 
 @pytest.mark.parametrize(

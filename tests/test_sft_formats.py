@@ -442,16 +442,46 @@ def test_json_records_are_streamed_one_at_a_time(tmp_path):
 
 
 def test_image_folder_refuses_names_that_leave_it(tmp_path):
-    images = ImageFolder(tmp_path / "images", "COCO_val2014_{:012d}.jpg")
-    assert images.locate(42) == tmp_path / "images" / "COCO_val2014_000000000042.jpg"
-    plain = ImageFolder(tmp_path / "images")
-    assert plain.locate("a/../b.jpg") == tmp_path / "images" / "b.jpg"
-    for name in ("../b.jpg", "a/../../b.jpg", "/etc/passwd", "."):
+    root = tmp_path.resolve() / "images"
+    images = ImageFolder(root, "COCO_val2014_{:012d}.jpg")
+    assert images.locate(42) == root / "COCO_val2014_000000000042.jpg"
+    plain = ImageFolder(root)
+    assert plain.locate("a/../b.jpg") == root / "b.jpg"
+    (root / "sub").mkdir(parents=True)
+    (root / "inside").symlink_to(root / "sub", target_is_directory=True)
+    (root / "out").symlink_to(tmp_path, target_is_directory=True)
+    assert plain.locate("inside/b.jpg") == root / "sub" / "b.jpg"  # a link within the folder: the file it names
+    for name in ("../b.jpg", "a/../../b.jpg", "/etc/passwd", ".", "out/b.jpg", "sub/../../b.jpg"):
         with pytest.raises(OutsideRoot):
             plain.locate(name)
+    with pytest.raises(FileNotFoundError):
+        plain.locate("b\x00.jpg")
+    (tmp_path / "link").symlink_to(root, target_is_directory=True)
+    assert ImageFolder(tmp_path / "link").locate("b.jpg") == root / "b.jpg"  # --images itself may be a link
     with pytest.raises(InputError, match=r"--image-pattern 'COCO_val2014_\{:012d\}\.jpg' does not apply to the "
                                          r"image reference '42'"):
         images.locate("42")
+
+
+def test_records_naming_images_outside_the_folder_are_skipped_and_never_opened(tokenizer, tmp_path):
+    root = tmp_path / "images"
+    picture(root / "inside.jpg", 1)
+    secret = picture(tmp_path / "secret.png", 2)  # a real image next to --images: were it opened, a row would come out
+    (root / "escape").symlink_to(tmp_path, target_is_directory=True)
+    (root / "alias.png").symlink_to(secret)
+    outside = [str(secret), "../secret.png", "sub/../../secret.png", "escape/secret.png", "alias.png"]
+    names = ["inside.jpg", *outside, "nul\x00.jpg"]
+    captions = dump(tmp_path / "captions.json", {
+        "images": [{"id": i, "file_name": name} for i, name in enumerate(names)],
+        "annotations": [{"image_id": i, "id": i, "caption": f"picture {i}"} for i in range(len(names))]})
+    done, rows = converted(tokenizer, tmp_path, "coco", "captioning", Sources(captions), root)
+    check_rows(tokenizer, rows, "captioning", [("captions.json:0", None, "picture 0", root / "inside.jpg")])
+    assert done.skips.counts == {"outside_root": len(outside), "missing_image": 1}
+    assert done.skips.first["outside_root"] == f"{captions}: annotations[1]: image {str(secret)!r}"
+    inside_codes, secret_codes = (codes.tolist() for codes in encode_images(
+        tokenizer, [Image.open(root / "inside.jpg"), Image.open(secret)]))
+    assert inside_codes != secret_codes  # so the check below can tell the two images apart
+    assert all(row["input_image_ids"] != secret_codes for row in rows)
 
 
 # --- the command ------------------------------------------------------------------------------------------
