@@ -60,7 +60,7 @@ def test_text_to_image_reports_each_ablation_row_and_reuses_the_kept_samples(wor
     assert metrics["run"]["samples_per_prompt"] == 2 and metrics["run"]["seed"] == 0
     report = (out / "report.md").read_text()
     assert "| retrieved | guidance | method | FID | FD-CLIP | CLIP score | samples |" in report
-    links = [cell.split("](")[1].rstrip(")") for line in report.splitlines() for cell in line.split(" | ")
+    links = [cell.split("](")[1].split(")")[0] for line in report.splitlines() for cell in line.split(" | ")
              if cell.startswith("![](")]
     assert len(links) == 3 and all((out / link).is_file() for link in links)
     shards = sorted((out / "samples").rglob("*.parquet"))

@@ -12,7 +12,7 @@ import pytest
 
 from conftest import REPO
 
-PACKAGES = ["cm3.core", "cm3.tokenizers", "cm3.pipeline", "cm3.synthetic", "cm3.index", "cm3.model"]
+PACKAGES = ["cm3.core", "cm3.tokenizers", "cm3.pipeline", "cm3.synthetic", "cm3.index", "cm3.model", "cm3.evaluation"]
 
 
 @pytest.mark.parametrize("package", PACKAGES)
@@ -29,7 +29,7 @@ def test_every_exported_name_is_the_object_its_module_defines(package):
 
 def test_from_imports_work_and_stay_light():
     code = ("import sys\n"
-            "import cm3.core, cm3.tokenizers, cm3.pipeline, cm3.synthetic, cm3.index, cm3.model\n"
+            "import cm3.core, cm3.tokenizers, cm3.pipeline, cm3.synthetic, cm3.index, cm3.model, cm3.evaluation\n"
             "assert 'torch' not in sys.modules, 'a package import pulled in torch'\n"
             "from cm3.tokenizers import VQGAN, Vocabulary\n"
             "from cm3.model import CM3, load_checkpoint\n"
