@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 
 install: $(STAMP)
 
-# torch first, pinned to the build that lies on this kind of machine's disk (see DEVELOPERS.md);
+# torch first, pinned to the build that lies on this kind of machine's disk;
 # then the project, its evaluation extra and its test tools with every version fixed by constraints.txt.
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
