@@ -25,8 +25,9 @@ from PIL import Image
 from cm3.core.errors import InputError
 from cm3.core.images import decode, square_pixels
 from cm3.core.shards import complete_shards, parquet_path
-from cm3.pipeline.sft_readers._records import field, image_ref, json_items, jsonl_records, record_dict, text
+from cm3.pipeline.sft_readers._records import field, json_items, jsonl_records, record_dict, text
 from cm3.pipeline.sft_readers.coco import EXPECTED as COCO_EXPECTED
+from cm3.pipeline.sft_readers.coco import image_files
 
 VQA_QUESTIONS = "a VQA2 questions file: an object with a list 'questions'"
 VQA_ANNOTATIONS = "a VQA2 annotations file: an object with a list 'annotations'"
@@ -173,10 +174,7 @@ class CaptionReference:
 
 def _coco_captions(path: Path) -> list[tuple[str, list[str]]]:
     """(file_name, captions) per annotated image of a COCO captions file, in the file's order."""
-    files: dict[object, str] = {}
-    for i, image in enumerate(json_items(path, "images.item", COCO_EXPECTED)):
-        where = f"{path}: images[{i}]"
-        files[field(record_dict(image, where), "id", where)] = str(image_ref(image, "file_name", where))
+    files = {image_id: str(name) for image_id, name in image_files(path).items()}
     captions: dict[object, list[str]] = {}
     for i, annotation in enumerate(json_items(path, "annotations.item", COCO_EXPECTED)):
         where = f"{path}: annotations[{i}]"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 from cm3.core.errors import InputError
 from cm3.pipeline.image_folder import ImageRef
@@ -13,14 +14,20 @@ from cm3.pipeline.sft_readers._records import field, image_ref, json_items, reco
 EXPECTED = "a COCO captions file: an object with lists 'images' and 'annotations'"
 
 
-def examples(sources: Sources, task: str) -> Iterator[Example]:
-    """One example per annotation (``images``: id, file_name; ``annotations``: image_id, id, caption), an image's
-    captions together so that it is loaded once; the image reference is the file_name."""
-    path = sources.source
+def image_files(path: Path) -> dict[object, ImageRef]:
+    """image id -> file_name of a COCO file's ``images`` (its captions file, and `cm3 eval caption`'s references)."""
     files: dict[object, ImageRef] = {}
     for i, image in enumerate(json_items(path, "images.item", EXPECTED)):
         where = f"{path}: images[{i}]"
         files[field(record_dict(image, where), "id", where)] = image_ref(image, "file_name", where)
+    return files
+
+
+def examples(sources: Sources, task: str) -> Iterator[Example]:
+    """One example per annotation (``images``: id, file_name; ``annotations``: image_id, id, caption), an image's
+    captions together so that it is loaded once; the image reference is the file_name."""
+    path = sources.source
+    files = image_files(path)
     by_image: dict[object, list[Example]] = {}
     for i, annotation in enumerate(json_items(path, "annotations.item", EXPECTED)):
         where = f"{path}: annotations[{i}]"
