@@ -29,8 +29,8 @@ BORDER = 3  # width in pixels of the frame whose median is the background colour
 FOREGROUND_DISTANCE = 50.0  # first pass: RGB distance from the background that counts as shape
 MIN_AREA_FRACTION = 0.002  # smaller components are noise, not a shape (~130 px at 256x256)
 # Taper (area in the top quarter of the bounding box / area in its bottom quarter): the apex-up triangle
-# 1/7, circle and square 1. Blur hardly moves it (sigma 6 px: a small triangle's <= 0.45) while it fills a
-# small triangle's box to ~0.7, as much as a circle's, so triangles are told by taper, not fill ratio.
+# 1/7, circle and square 1. Blur hardly moves it (sigma 6 px: a 4x4-cell triangle's <= 0.45) while it fills
+# such a triangle's box to ~0.7, as much as a circle's, so triangles are told by taper, not fill ratio.
 TRIANGLE_TAPER_BELOW = 0.5
 ROUND_TAPER_ABOVE = 2.0  # a circle or square wider at the top than this is neither
 # Fill ratio (area / bounding-box area): circle pi/4 = 0.785, square 1.0. Under CIRCLE_FILL_ABOVE a blob

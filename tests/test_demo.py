@@ -96,7 +96,7 @@ def test_demo_end_to_end_at_reduced_size(tmp_path):
     reliance = metrics["diagnostics"]["caption_reliance"]
     assert set(reliance) == {"pretrained", "tuned"}
     for figures in reliance.values():
-        assert set(figures) == {"full_caption", *(f"{a}_swapped" for a in ("colour", "shape", "size", "position",
+        assert set(figures) == {"full_caption", *(f"{a}_swapped" for a in ("colour", "shape", "position",
                                                                             "background"))}
     decoder = metrics["training"]["decoder"]
     assert (decoder["positions"], decoder["image_grid"]) == ("rope", 8)  # DemoSize's choices reached the model

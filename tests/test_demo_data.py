@@ -12,6 +12,7 @@ import urllib.error
 import urllib.request
 import zlib
 from collections import Counter
+from dataclasses import replace
 
 import cv2
 import numpy as np
@@ -48,7 +49,7 @@ def test_render_is_byte_for_byte_deterministic() -> None:
 
 def test_different_indices_and_seeds_give_different_specs() -> None:
     specs = [spec for _, spec in shapes.iter_dataset(100)]
-    assert len(set(specs)) == 100
+    assert len(set(specs)) >= 90  # independent draws: a few repeats among the ~1,000 possible specs
     assert [shapes.spec_for(i, seed=1) for i in range(20)] != specs[:20]
     assert shapes.spec_for(3, split="heldout") != shapes.spec_for(3, split="train")
 
@@ -88,18 +89,18 @@ def test_shapes_lie_inside_the_canvas_on_the_token_grid() -> None:
 
 def test_captions() -> None:
     pattern = re.compile(
-        r"a (small|large) (\w+) (circle|square|triangle) "
+        r"a (\w+) (circle|square|triangle) "
         r"(in the center|at the (top left|top|top right|left|right|bottom left|bottom|bottom right)) "
         r"on a (white|black) background"
     )
     for _, spec in shapes.iter_dataset(300):
         match = pattern.fullmatch(spec.caption)
         assert match, spec.caption
-        assert match[1] == spec.size and match[2] == spec.colour
-        assert match[3] == spec.shape and match[6] == spec.background
-        assert (match[4] == "in the center") == (spec.position == "center")
-    spec = shapes.ShapeSpec("circle", "red", "small", "top left", "white", 64.0, 64.0, 32.0)
-    assert spec.caption == spec.alt_text == "a small red circle at the top left on a white background"
+        assert match[1] == spec.colour and match[2] == spec.shape and match[5] == spec.background
+        assert (match[3] == "in the center") == (spec.position == "center")
+    spec = shapes.ShapeSpec("circle", "red", "large", "top left", "white", 96.0, 96.0, 96.0)
+    assert spec.caption == spec.alt_text == "a red circle at the top left on a white background"
+    assert spec.describe(("size", "position")) == "a large red circle at the top left"
 
 
 def test_alt_text_names_colour_and_shape_always_and_each_detail_about_half_the_time() -> None:
@@ -151,11 +152,11 @@ def test_checker_survives_noise_and_blur(jpeg_dataset) -> None:
 
 
 def test_checker_reads_heavily_blurred_shapes_by_their_taper(jpeg_dataset) -> None:
-    """Blur (sigma 6 px) fills a small triangle's box to ~0.7, like a circle's; its taper still tells it."""
+    """Blur (sigma 6 px) fills a triangle's box towards a circle's fill; its taper still tells it."""
     blurred = [(spec, cv2.GaussianBlur(pixels, (0, 0), 6)) for spec, pixels in jpeg_dataset]
     accuracy = _accuracy(blurred)
     assert accuracy["shape_ok"] >= 0.98, accuracy
-    triangles = [pair for pair in blurred if pair[0].shape == "triangle" and pair[0].size == "small"]
+    triangles = [pair for pair in blurred if pair[0].shape == "triangle"]
     assert triangles and _accuracy(triangles)["shape_ok"] == 1.0
 
 
@@ -170,18 +171,16 @@ def test_blobs_that_are_none_of_the_shapes_read_as_no_shape() -> None:
         assert reading.ok and reading.colour == colour and reading.shape is None, reading
 
 
-def test_image_accuracy_breaks_shape_accuracy_down_by_size() -> None:
+def test_image_accuracy_scores_erased_and_recoloured_shapes_wrong() -> None:
     from cm3.workflows.demo import evaluate
 
     specs = [shapes.spec_for(i) for i in range(30)]
     images = evaluate.spec_images(specs, 256)
-    small = [i for i, spec in enumerate(specs) if spec.size == "small"]
-    assert small and len(small) < len(specs)
-    images[small] = images[small][:, :, :1, :1].expand(-1, -1, 256, 256)  # the shape erased: background only
-    result = evaluate.image_accuracy(images, specs)
-    assert result["shape_accuracy_by_size"]["small"] == 0.0
-    assert all(value == 1.0 for size, value in result["shape_accuracy_by_size"].items() if size != "small")
-    assert result["shape_accuracy"] == pytest.approx(1 - len(small) / len(specs))
+    images[:10] = images[:10, :, :1, :1].expand(-1, -1, 256, 256)  # the shape erased: background only
+    asked = specs[:20] + [replace(spec, colour="red" if spec.colour != "red" else "blue") for spec in specs[20:]]
+    result = evaluate.image_accuracy(images, asked)
+    assert result == {"colour_accuracy": pytest.approx(10 / 30), "shape_accuracy": pytest.approx(20 / 30),
+                      "images": 30}
 
 
 class _Favouring(torch.nn.Module):
@@ -246,7 +245,7 @@ def test_caption_reliance_is_the_loss_rise_of_the_swapped_word_only(tmp_path) ->
     reading = evaluate.caption_reliance(_Favouring(model, image_only, word=red), vocab, documents)
     assert reading["full_caption"] == pytest.approx(math.log(vocab.image_vocab_size), abs=1e-3)
     assert reading["colour_swapped"] == pytest.approx(math.log(vocab.size / vocab.image_vocab_size), abs=1e-3)
-    assert all(abs(reading[f"{name}_swapped"]) < 1e-5 for name in ("shape", "size", "position", "background"))
+    assert all(abs(rise) < 1e-5 for name, rise in reading.items() if name not in ("full_caption", "colour_swapped"))
 
 
 def test_checker_accepts_pil_images_of_any_size() -> None:

@@ -49,7 +49,7 @@ class DemoSize:
 
     seed: int = 0  # data draws, every model's initialisation and sampling
     images: int = 2000
-    vq_steps: int = 2400  # the VQ-GAN and the CLIP train side by side, one core each
+    vq_steps: int = 1600  # the VQ-GAN and the CLIP train side by side, one core each
     clip_steps: int = 500
     vocab_size: int = 512
     seq_len: int = 320
@@ -65,8 +65,8 @@ class DemoSize:
     pretrain_image_first: float = 0.2
     pretrain_steps: int = 1000
     pretrain_lr: float = 3e-3
-    sft_images: int = 300
-    sft_steps: int = 250
+    sft_images: int = 600
+    sft_steps: int = 500
     sft_lr: float = 1e-3
     train_threads: int = 2  # the training worker holds 1 CPU (Ray Data reads beside it) but uses both cores
     # CFG scale of every generation but the "no CFG" ablation, and the sampling temperature of every generation
@@ -376,8 +376,7 @@ def evaluate_stage(workdir: Path, checkpoint: Path, index: Path, augmented: Path
 
 def _image_figures(accuracy: dict) -> dict:
     """The checker's figures for a set of generated images, named as the report names them."""
-    return {"colour": accuracy["colour_accuracy"], "shape": accuracy["shape_accuracy"], "samples": accuracy["images"],
-            "shape_by_size": accuracy["shape_accuracy_by_size"]}
+    return {"colour": accuracy["colour_accuracy"], "shape": accuracy["shape_accuracy"], "samples": accuracy["images"]}
 
 
 def _generations_picture(generated: dict, asked: dict, size: DemoSize, path: Path) -> None:
