@@ -6,8 +6,8 @@ Shapes sit on the demo tokenizer's 8x8 grid (one size of 6x6 cells, nine positio
 every picture is a few whole-cell token patterns, which a decoder trained for minutes on two cores
 can learn to draw. Some (shape, colour) pairs are held out of training to measure
 compositional generalisation.
-``caption`` names every attribute (prompts, instruction tasks; the size only when there are several); ``alt_text``, what the served URL
-list carries, always names the colour and shape and only some of the rest.
+``caption`` names colour, shape, position and background (prompts, instruction tasks); ``alt_text``,
+what the served URL list carries, always names the colour and shape and only some of the rest.
 """
 
 from __future__ import annotations

@@ -75,12 +75,13 @@ def test_demo_end_to_end_at_reduced_size(tmp_path):
         assert figures["samples"] == size["prompts"] * size["samples"]
         assert fraction(metrics["captions"][group]["colour_and_shape"])
         assert metrics["captions"][group]["images"] == size["caption_images"]
-        for name in ("retrieval_k0", "no_guidance", "cd_k"):
+        for name in ("retrieval", "no_guidance", "cd_k"):
             ablation = metrics["ablations"][name][group]
             assert fraction(ablation["colour"]) and fraction(ablation["shape"])
             assert ablation["samples"] == figures["samples"]
-    assert (metrics["ablations"]["retrieval_k0"]["retrieved"], metrics["ablations"]["no_guidance"]["guidance"],
-            metrics["ablations"]["cd_k"]["method"]) == (0, 1.0, "cd_k")
+    ablations = metrics["ablations"]
+    assert (metrics["text_to_image"]["retrieved"], ablations["retrieval"]["retrieved"],
+            ablations["no_guidance"]["guidance"], ablations["cd_k"]["method"]) == (0, 2, 1.0, "cd_k")
     assert fraction(metrics["retrieval"]["agreement"]) and metrics["retrieval"]["neighbours"] > 0
     assert 0 < metrics["wall_minutes"] < 60
     # relations a broken pipeline fails: the downloaded pixels match their captions, training lowered the loss
