@@ -7,6 +7,8 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.cm3-installed
 WORKDIR ?= runs/demo
 PYTEST_ARGS ?=
+# test files run on this many processes (pytest-xdist; one file stays on one process, so its fixtures are built once)
+TEST_WORKERS ?= 2
 
 .PHONY: install demo test bench clean
 
@@ -25,7 +27,7 @@ demo: $(STAMP)
 	$(VENV)/bin/cm3 demo --workdir $(WORKDIR)
 
 test: $(STAMP)
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
