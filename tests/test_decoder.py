@@ -118,7 +118,8 @@ def test_init_follows_the_paper():
 
 def test_checkpoints_saved_before_the_chameleon_options_load_and_give_the_same_logits():
     """Folders written by the decoder before the options existed (tests/fixtures/pre_chameleon, config.json without
-    the new fields), with the logits that code computed from them on one thread: bit-identical."""
+    the new fields), with the logits that code computed from them: the same up to float rounding (another CPU's
+    vector units round differently, by under 1e-6; a changed default would move them by whole units)."""
     from safetensors.torch import load_file
 
     folder = FIXTURES / "pre_chameleon"
@@ -128,7 +129,7 @@ def test_checkpoints_saved_before_the_chameleon_options_load_and_give_the_same_l
         model = CM3.from_pretrained(folder / name).eval()
         assert (model.config.norm, model.config.kv_heads, model.config.swin_norm) == ("layernorm", 4, False)
         with torch.no_grad():
-            assert torch.equal(model(expected["ids"]), expected[name]), name
+            torch.testing.assert_close(model(expected["ids"]), expected[name], rtol=0, atol=1e-5, msg=name)
 
 
 def test_chameleon_options_change_the_decoder_and_are_checked():

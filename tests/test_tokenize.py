@@ -48,10 +48,11 @@ def test_token_shards_have_the_documented_schema_at_1024_tokens(ray_cluster, tmp
     spec = spec_for(0)
     assert first["caption"] == spec.caption
     assert first["text_ids"] == tokenizer.text.encode(spec.caption)
-    # Codes from the stage match this image's codes (CPU thread count and batch size may flip a near tie).
+    # Codes from the stage match this image's codes, not another's. The random tiny VQ has many near ties, which
+    # thread count, batch size and the CPU's vector units flip (89% to 99% equal, by machine; another image ~8%).
     own = np.asarray(first["image_ids"]) == encode_jpeg_codes(tokenizer, spec_for(0))
     other = np.asarray(first["image_ids"]) == encode_jpeg_codes(tokenizer, spec_for(1))
-    assert own.mean() > 0.97 and other.mean() < own.mean() - 0.1
+    assert own.mean() > 0.8 and other.mean() < own.mean() - 0.5
 
     stats = json.loads(stats_path(tokens, 1).read_text())
     assert stats["count"] == 3 and stats["kept"] == 1
