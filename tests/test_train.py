@@ -250,7 +250,7 @@ def test_bad_inputs_fail_before_training_with_the_path_named(tmp_path, tokenizer
 
     broken = write_augmented_shards(tmp_path / "broken", vocab, shards=2)
     (broken / "00001.parquet").write_bytes(b"not parquet at all")
-    with pytest.raises(ValueError, match=r"00001\.parquet: unreadable shard"):
+    with pytest.raises(ValueError, match=r"00001\.parquet: unreadable Parquet file"):
         run_training(options("pretrain", broken, storage, tokenizer=tokenizer_dir))
 
     with pytest.raises(FileNotFoundError, match="missing-init"):

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cm3.core.files import atomic_write
+from cm3.core.intact import load_json, safetensors_header
 
 WEIGHTS_NAME = "model.safetensors"
 NORMS = ("group", "channel")
@@ -539,7 +540,8 @@ class VQGAN(nn.Module):
         from safetensors.torch import load_file
 
         directory = Path(directory)
-        config = VQGANConfig.from_dict(json.loads((directory / CONFIG_NAME).read_text()))
+        config = VQGANConfig.from_dict(load_json(directory / CONFIG_NAME))
+        safetensors_header(directory / WEIGHTS_NAME)  # a truncated file is named, not a safetensors traceback
         model = cls(config)
         model.load_checked(load_file(str(directory / WEIGHTS_NAME)))
         return model.for_inference(device)

@@ -118,19 +118,16 @@ def training_shards(folder: Path) -> list[Path]:
 def shard_columns(paths: list[Path], stage: str, retrieved_max: int, workers: int = 1) -> list[str]:
     """The columns to read, after checking every shard's footer: unreadable or unsuitable shards fail here,
     by name, instead of deep inside a worker."""
-    import pyarrow.parquet as pq
+    from cm3.core.intact import parquet_metadata
 
     rows, names = 0, None
     for path in paths:
-        try:
-            meta = pq.ParquetFile(path)
-        except Exception as err:  # pyarrow raises several types for a corrupt or truncated file
-            raise ValueError(f"{path}: unreadable shard ({err})") from err
-        rows += meta.metadata.num_rows
+        meta = parquet_metadata(path)
+        rows += meta.num_rows
         if names is None:
-            names = set(meta.schema_arrow.names)
+            names = set(meta.schema.to_arrow_schema().names)
             columns = _columns_for(names, stage, retrieved_max, path)
-        elif missing := sorted(set(columns) - set(meta.schema_arrow.names)):
+        elif missing := sorted(set(columns) - set(meta.schema.to_arrow_schema().names)):
             raise ValueError(f"{path}: missing column(s) {missing} that {paths[0]} has")
     if rows < workers:
         raise ValueError(f"{paths[0].parent}: the shards hold {rows} row(s), fewer than the {workers} worker(s)")
@@ -197,13 +194,17 @@ def plan_run(options: TrainOptions):
     """(LoopConfig, tokenizer) after every check that can fail on bad input."""
     import importlib.util
 
+    from cm3.core.errors import InputError
+    from cm3.core.intact import load_json
     from cm3.model.config import CM3Config
+    from cm3.model.decoder import check_weights
     from cm3.model.parallelize import ParallelOptions
     from cm3.model.sequences import SequenceConfig
     from cm3.model.train_checkpoint import latest_checkpoint
     from cm3.model.train_data import shard_units
     from cm3.model.train_loop import LoopConfig
     from cm3.model.train_step import TRAINABLE, grad_accumulation, total_steps_for
+    from cm3.pipeline.tokenize import check_made_with, tokenizer_fingerprint
     from cm3.tokenizers.multimodal import MultimodalTokenizer
 
     if options.stage not in STAGES:
@@ -235,8 +236,17 @@ def plan_run(options: TrainOptions):
     if options.cm3 and not tokenizer.vocab.num_sentinels:
         raise ValueError("this vocabulary has no <mask:i> tokens for CM3's infilling objective (a converted "
                          "Chameleon's has none): train with --no-cm3 (next-token prediction, as Chameleon was tuned)")
+    tokenizer_dir = options.tokenizer if options.tokenizer is not None else init / "tokenizer"
+    if options.tokenizer is not None and init is not None and \
+            tokenizer_fingerprint(options.tokenizer) != tokenizer_fingerprint(init / "tokenizer"):
+        raise InputError(f"--tokenizer {options.tokenizer} ({tokenizer_fingerprint(options.tokenizer)[:12]}) is not "
+                         f"the tokenizer of --init {init} ({tokenizer_fingerprint(init / 'tokenizer')[:12]}); leave "
+                         "--tokenizer out to train with the checkpoint's own")
+    check_made_with(options.shards, tokenizer_dir, "--tokenizer" if options.tokenizer is not None else
+                    "the tokenizer of --init")
     if init is not None:
-        config = CM3Config.from_dict(json.loads((init / "config.json").read_text()))
+        config = CM3Config.from_dict(load_json(init / "config.json"))
+        check_weights(init)  # a damaged --init is named here, not inside a Ray worker (which Ray would retry)
         if config.vocab_size != vocab_size:
             raise ValueError(f"--init {init} has vocab_size {config.vocab_size} but the tokenizer "
                              f"{options.tokenizer or init / 'tokenizer'} has {vocab_size}; they must match")
@@ -346,7 +356,7 @@ class RaySession:
     """`cm3.model.train_loop.Session` over `ray.train`: Ray hands out the checkpoint to resume from, copies
     reported checkpoints to storage and keeps the newest N; the gauges go to the Ray dashboard."""
 
-    def __init__(self, run_name: str):
+    def __init__(self, run_name: str, run_dir: str):
         import ray
         import ray.train
         import ray.train.torch
@@ -356,17 +366,25 @@ class RaySession:
         self.device = ray.train.torch.get_device()
         self.node = ray.get_runtime_context().get_node_id()
         self.run_name = run_name
+        self.run_dir = Path(run_dir)
 
     @contextlib.contextmanager
     def checkpoint(self):
+        """Ray's registered checkpoint, unless a newer complete one is on disk (`resume_from`)."""
         import ray.train
 
+        from cm3.model.train_checkpoint import resume_from
+
         checkpoint = ray.train.get_checkpoint()
-        if checkpoint is None:
+        registered = Path(checkpoint.path) if checkpoint is not None else None
+        chosen = resume_from(registered, self.run_dir)
+        if chosen is None:
             yield None
-            return
-        with checkpoint.as_directory() as directory:
-            yield Path(directory)
+        elif chosen != registered:
+            yield chosen
+        else:
+            with checkpoint.as_directory() as directory:
+                yield Path(directory)
 
     def report(self, metrics: dict, checkpoint: Optional[Path], name: str) -> None:
         import ray.train
@@ -384,4 +402,4 @@ def ray_worker(loop_config: dict) -> None:
     """One Ray Train worker."""
     from cm3.model.train_loop import LoopConfig, train
 
-    train(LoopConfig(**loop_config), RaySession(loop_config["run_name"]))
+    train(LoopConfig(**loop_config), RaySession(loop_config["run_name"], loop_config["run_dir"]))
