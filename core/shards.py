@@ -16,7 +16,9 @@ import shutil
 import uuid
 from pathlib import Path
 
-from cm3.core.files import read_json, replace_file
+from cm3.core.errors import InputError
+from cm3.core.files import replace_file
+from cm3.core.intact import load_json
 
 SHARD_DIGITS = 5  # img2dataset's oom_shard_count
 TMP_DIR = "_tmp"
@@ -69,7 +71,12 @@ def clear_staging(out_dir: Path) -> None:
 
 
 def read_stats(out_dir: Path, shard_id: int) -> dict:
-    return read_json(stats_path(out_dir, shard_id))
+    """A shard's stats; InputError naming the file when it is not a JSON object (damaged, or not a stats file)."""
+    path = stats_path(out_dir, shard_id)
+    stats = load_json(path)
+    if not isinstance(stats, dict):
+        raise InputError(f"{path}: expected a JSON object (a shard's stats), found {type(stats).__name__}")
+    return stats
 
 
 # What each stage leaves in its output folder and no other stage writes, so a stage pointed at another's folder

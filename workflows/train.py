@@ -25,6 +25,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from cm3.core.errors import InputError
+
 STAGES = ("pretrain", "sft")
 DOCUMENT_COLUMNS = ("text_ids", "image_ids")
 NEIGHBOUR_COLUMNS = ("neighbour_text_ids", "neighbour_image_ids")
@@ -111,7 +113,7 @@ def training_shards(folder: Path) -> list[Path]:
     else:
         paths = sorted(folder.glob("*.parquet"))
     if not paths:
-        raise ValueError(f"{folder}: no shards to train on (expected NNNNN.parquet files with NNNNN_stats.json)")
+        raise InputError(f"{folder}: no shards to train on (expected NNNNN.parquet files with NNNNN_stats.json)")
     return paths
 
 
@@ -128,9 +130,9 @@ def shard_columns(paths: list[Path], stage: str, retrieved_max: int, workers: in
             names = set(meta.schema.to_arrow_schema().names)
             columns = _columns_for(names, stage, retrieved_max, path)
         elif missing := sorted(set(columns) - set(meta.schema.to_arrow_schema().names)):
-            raise ValueError(f"{path}: missing column(s) {missing} that {paths[0]} has")
+            raise InputError(f"{path}: missing column(s) {missing} that {paths[0]} has")
     if rows < workers:
-        raise ValueError(f"{paths[0].parent}: the shards hold {rows} row(s), fewer than the {workers} worker(s)")
+        raise InputError(f"{paths[0].parent}: the shards hold {rows} row(s), fewer than the {workers} worker(s)")
     return columns
 
 
@@ -139,10 +141,10 @@ def _columns_for(names: set[str], stage: str, retrieved_max: int, path: Path) ->
         return [SFT_COLUMN]
     if not set(DOCUMENT_COLUMNS) <= names:
         wanted = f"'{SFT_COLUMN}' or " if stage == "sft" else ""
-        raise ValueError(f"{path}: expected columns {wanted}{list(DOCUMENT_COLUMNS)}, found {sorted(names)}")
+        raise InputError(f"{path}: expected columns {wanted}{list(DOCUMENT_COLUMNS)}, found {sorted(names)}")
     neighbours = [c for c in NEIGHBOUR_COLUMNS if c in names]
     if stage == "pretrain" and retrieved_max > 0 and len(neighbours) < len(NEIGHBOUR_COLUMNS):
-        raise ValueError(f"{path}: not a retrieval-augmented shard (no {list(NEIGHBOUR_COLUMNS)}); build them "
+        raise InputError(f"{path}: not a retrieval-augmented shard (no {list(NEIGHBOUR_COLUMNS)}); build them "
                          "with `cm3 build-index`, or pass --retrieved-max 0")
     return [*DOCUMENT_COLUMNS, *neighbours]
 
@@ -194,7 +196,6 @@ def plan_run(options: TrainOptions):
     """(LoopConfig, tokenizer) after every check that can fail on bad input."""
     import importlib.util
 
-    from cm3.core.errors import InputError
     from cm3.core.intact import load_json
     from cm3.model.config import CM3Config
     from cm3.model.decoder import check_weights
