@@ -6,6 +6,7 @@ message) and checks that the input folders did not change and nothing was writte
 from __future__ import annotations
 
 import hashlib
+import re
 import json
 from pathlib import Path
 
@@ -284,3 +285,24 @@ def test_resume_takes_the_newest_complete_checkpoint_on_disk(tmp_path):
     assert resume_from(newest, run) == newest
     assert resume_from(run / checkpoint_name(3), tmp_path / "empty") == run / checkpoint_name(3)
     assert TrainState.read(newest).step == 9
+
+
+def test_eval_reference_names_never_leave_the_images_folder(tmp_path):
+    """`cm3 eval caption` / `vqa` look images up by the names in a reference file (data): a name leading out of
+    --images, by ../, an absolute path or a link, is refused by name and never opened."""
+    from cm3.evaluation.sources import NamedImages
+    from cm3.synthetic.shapes import render, spec_for
+
+    images = tmp_path / "images"
+    images.mkdir()
+    render(spec_for(0), 32).save(images / "a.png")
+    secret = tmp_path / "secret.png"
+    render(spec_for(1), 32).save(secret)
+    (images / "alias.png").symlink_to(secret)
+    named = NamedImages(images)
+    assert named.pixels("a.png", 32).shape == (32, 32, 3)
+    for name in ("../secret.png", str(secret), "alias.png", "sub/../../secret.png"):
+        with pytest.raises(InputError, match=f"the image name {re.escape(repr(name))} leads outside the folder"):
+            named.pixels(name, 32)
+    with pytest.raises(InputError, match="no such image file"):
+        named.pixels("missing\x00.png", 32)
