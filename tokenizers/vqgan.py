@@ -584,6 +584,7 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
+        safetensors_header(path)  # a truncated file is named, not a safetensors traceback
         return load_file(str(path))
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
