@@ -68,8 +68,9 @@ def check_build_inputs(tokens_dir: Path, clip: dict | None, index_dir: Path | No
         if folder is not None and (other := foreign_output(Path(folder), own)) is not None:
             raise InputError(f"{folder}: holds {other}; choose another {flag} folder")
     if augmented_dir is not None and (recorded := recorded_tokenizer(Path(augmented_dir))) is not None \
-            and recorded[0] != config["tokenizer_sha256"]:
-        raise InputError(f"{augmented_dir}: holds augmented shards of tokenizer {recorded[0][:12]} (recorded in "
+            and recorded[0]["tokenizer_sha256"] != config["tokenizer_sha256"]:
+        raise InputError(f"{augmented_dir}: holds augmented shards of tokenizer "
+                         f"{recorded[0]['tokenizer_sha256'][:12]} (recorded in "
                          f"{recorded[1].name}), not of {tokens_dir}'s tokenizer {config['tokenizer_sha256'][:12]}; "
                          "choose another --out folder")
     shards = complete_shards(Path(tokens_dir))
@@ -221,7 +222,8 @@ def run_build_index(tokens_dir: Path, index_dir: Path, augmented_dir: Path, *, c
     token_schema = pq.read_schema(parquet_path(tokens_dir, shards[0]))
     assembler = ShardAssembler(augmented_dir, expected, augmented_schema(token_schema, tokens_per_image),
                                {"retrieval": asdict(settings.retrieval),
-                                "tokenizer_sha256": config["tokenizer_sha256"]})
+                                **{k: config[k] for k in ("tokenizer_sha256", "tokenizer_content_sha256")
+                                   if k in config}})
     for shard_id in [s for s, count in expected.items() if count == 0]:
         assembler.commit(shard_id)
     pending = [s for s, count in expected.items() if count > 0]

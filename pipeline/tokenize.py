@@ -53,10 +53,15 @@ def _vectors(rows: list[np.ndarray | None], dim: int) -> pa.Array:
     return pa.array(values, pa.list_(pa.float16(), dim))
 
 
-def tokenizer_fingerprint(tokenizer_dir: Path) -> str:
-    """A digest of every file of the tokenizer artefact: token shards are only valid for that tokenizer."""
+def tokenizer_fingerprint(tokenizer_dir: Path, content_only: bool = False) -> str:
+    """A digest of every file of the tokenizer artefact: token shards are only valid for that tokenizer. With
+    ``content_only``, hidden files (a run's ``.done`` marker, editor leftovers) are left out, so the tokenizer a
+    checkpoint carries (``MultimodalTokenizer.save`` of it, byte for byte) has the same digest as its source."""
     digest = hashlib.sha256()
-    for path in sorted(p for p in Path(tokenizer_dir).rglob("*") if p.is_file()):
+    files = sorted(p for p in Path(tokenizer_dir).rglob("*") if p.is_file())
+    if content_only:
+        files = [p for p in files if not any(part.startswith(".") for part in p.relative_to(tokenizer_dir).parts)]
+    for path in files:
         digest.update(str(path.relative_to(tokenizer_dir)).encode())
         with open(path, "rb") as handle:
             for block in iter(lambda: handle.read(1 << 20), b""):
@@ -193,37 +198,43 @@ def read_tokens_config(tokens_dir: Path) -> dict:
     return config
 
 
-def recorded_tokenizer(folder: Path) -> tuple[str, Path] | None:
-    """(fingerprint, the file that records it) of the tokenizer a shard folder was made with: token shards'
-    ``tokenize_config.json``, or the stats files of augmented and SFT task shards; None when nothing records one
-    (shards written by hand). A folder whose stats name two tokenizers is refused."""
+def recorded_tokenizer(folder: Path) -> tuple[dict, Path] | None:
+    """The fingerprints (``tokenizer_sha256``, and ``tokenizer_content_sha256`` when recorded) of the tokenizer a
+    shard folder was made with, and the file that records them: token shards' ``tokenize_config.json``, or the
+    stats files of augmented shards; None when nothing records one (shards written by hand). A folder whose stats
+    name two tokenizers is refused."""
     folder = Path(folder)
+    keys = ("tokenizer_sha256", "tokenizer_content_sha256")
     if (folder / CONFIG_FILE).is_file():
-        return read_tokens_config(folder)["tokenizer_sha256"], folder / CONFIG_FILE
-    found: dict[str, Path] = {}
+        config = read_tokens_config(folder)
+        return {k: config[k] for k in keys if isinstance(config.get(k), str)}, folder / CONFIG_FILE
+    found: dict[str, tuple[dict, Path]] = {}
     for stats in sorted(folder.glob("*_stats.json")):
         content = load_json(stats)
-        if isinstance(content, dict) and isinstance(content.get("tokenizer_sha256"), str):
-            found.setdefault(content["tokenizer_sha256"], stats)
+        if isinstance(content, dict) and isinstance(content.get(keys[0]), str):
+            found.setdefault(content[keys[0]], ({k: content[k] for k in keys if isinstance(content.get(k), str)},
+                                                stats))
     if len(found) > 1:
-        (a, path_a), (b, path_b) = list(found.items())[:2]
+        (a, (_, path_a)), (b, (_, path_b)) = list(found.items())[:2]
         raise InputError(f"{folder}: holds shards of two tokenizers ({path_a.name}: {a[:12]}, {path_b.name}: "
                          f"{b[:12]})")
-    return next(iter(found.items()), None)
+    return next(iter(found.values()), None)
 
 
 def check_made_with(folder: Path, tokenizer_dir: Path, flag: str) -> None:
     """Refuse shards whose ids come from another tokenizer than ``tokenizer_dir`` (``flag`` names the option
-    that chose it): the same ids would mean other words and image codes."""
+    that chose it): the same ids would mean other words and image codes. The content digest is compared when the
+    folder records one (a checkpoint's copy of a tokenizer matches its source), else the digest of every file."""
     recorded = recorded_tokenizer(folder)
     if recorded is None:
         return
     theirs, source = recorded
-    ours = tokenizer_fingerprint(tokenizer_dir)
-    if theirs != ours:
-        raise InputError(f"{folder}: its shards were made with tokenizer {theirs[:12]} (recorded in {source.name}), "
-                         f"not with {flag} {tokenizer_dir} ({ours[:12]}); tokenize the data with that tokenizer, or "
-                         "train with the one that made the shards")
+    key = "tokenizer_content_sha256" if "tokenizer_content_sha256" in theirs else "tokenizer_sha256"
+    ours = tokenizer_fingerprint(tokenizer_dir, content_only=key == "tokenizer_content_sha256")
+    if theirs[key] != ours:
+        raise InputError(f"{folder}: its shards were made with tokenizer {theirs[key][:12]} (recorded in "
+                         f"{source.name}), not with {flag} {tokenizer_dir} ({ours[:12]}); tokenize the data with "
+                         "that tokenizer, or train with the one that made the shards")
 
 
 def check_tokenizer_folder(tokenizer_dir: Path) -> None:
@@ -267,6 +278,7 @@ def run_tokenize(raw_dir: Path, tokens_dir: Path, tokenizer_dir: Path, *, clip: 
 
         clip_dim = ClipEmbedder(clip["model_name"], clip["pretrained"]).dim  # fails here, early, on a bad model
     _check_folder(tokens_dir, {"tokenizer_sha256": tokenizer_fingerprint(tokenizer_dir),
+                               "tokenizer_content_sha256": tokenizer_fingerprint(tokenizer_dir, content_only=True),
                                "tokens_per_image": tokens_per_image, "clip": clip, "clip_dim": clip_dim,
                                "raw_dir": str(raw_dir.resolve())})
     clear_staging(tokens_dir)

@@ -137,6 +137,7 @@ def write_token_shards(folder: Path, tokenizer_dir: Path, shards: int = 2, rows:
         pq.write_table(table, parquet_path(folder, shard))
         write_json(stats_path(folder, shard), {"count": rows, "kept": rows, "tokens_per_image": tokens})
     write_json(folder / CONFIG_FILE, {"tokenizer_sha256": tokenizer_fingerprint(tokenizer_dir),
+                                      "tokenizer_content_sha256": tokenizer_fingerprint(tokenizer_dir, True),
                                       "tokens_per_image": tokens, "clip": clip, "clip_dim": 32 if clip else None,
                                       "raw_dir": str(folder.parent / "raw")})
     return folder

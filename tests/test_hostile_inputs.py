@@ -125,7 +125,7 @@ def _vocab(tokenizer_dir: Path):
 def test_train_refuses_token_shards_of_another_tokenizer_before_ray(tmp_path, tokenizers, checkpoint):
     ours, theirs = tokenizers
     shards = write_token_shards(tmp_path / "tokens", theirs)
-    sha = json.loads((shards / "tokenize_config.json").read_text())["tokenizer_sha256"]
+    sha = json.loads((shards / "tokenize_config.json").read_text())["tokenizer_content_sha256"]
     before = tree_hash(shards)
     common = ["train", "--stage", "pretrain", "--shards", str(shards), "--storage", str(tmp_path / "runs"),
               "--retrieved-max", "0", "--retrieved-min", "0", "--steps", "1"]
@@ -152,13 +152,35 @@ def test_augmented_shards_record_their_tokenizer_and_two_tokenizers_in_one_folde
     folder = write_augmented_shards(tmp_path / "augmented", _vocab(tokenizers[0]), shards=2, rows=4)
     assert recorded_tokenizer(folder) is None  # shards written by hand record none: nothing to check
     (folder / "00000_stats.json").write_text(json.dumps({"tokenizer_sha256": ours}))
-    assert recorded_tokenizer(folder) == (ours, folder / "00000_stats.json")
+    assert recorded_tokenizer(folder) == ({"tokenizer_sha256": ours}, folder / "00000_stats.json")
     check_made_with(folder, tokenizers[0], "--tokenizer")
     with pytest.raises(InputError, match=f"{theirs[:12]}.*{ours[:12]}|{ours[:12]}.*{theirs[:12]}"):
         check_made_with(folder, tokenizers[1], "--tokenizer")
     (folder / "00001_stats.json").write_text(json.dumps({"tokenizer_sha256": theirs}))
     with pytest.raises(InputError, match="two tokenizers"):
         recorded_tokenizer(folder)
+
+
+def test_a_checkpoints_copy_of_the_tokenizer_matches_its_source_with_a_marker_beside_it(tmp_path, tokenizers):
+    """The demo leaves a `.done` marker in its tokenizer folder; the checkpoint trained with it carries a copy
+    without one: continuing to train it (--init) on the shards that folder made is not a mismatch."""
+    import shutil
+
+    from cm3.workflows.train import TrainOptions, plan_run
+
+    source = tmp_path / "tokenizer"
+    shutil.copytree(tokenizers[0], source)
+    (source / ".done").write_text('{"finished": 1}')
+    shards = write_token_shards(tmp_path / "tokens", source)
+    checkpoint = save_tiny_checkpoint(tmp_path / "ckpt", source)
+    for tokenizer in (None, source):
+        plan_run(TrainOptions(stage="pretrain", shards=shards, storage=tmp_path / "runs", init=checkpoint,
+                              tokenizer=tokenizer, retrieved_min=0, retrieved_max=0, steps=1))
+    (source / "vocabulary.json").write_text((source / "vocabulary.json").read_text() + " ")  # content changed
+    with pytest.raises(InputError, match="is not the tokenizer of --init"):
+        plan_run(TrainOptions(stage="pretrain", shards=shards, storage=tmp_path / "runs", init=checkpoint,
+                              tokenizer=source, retrieved_min=0, retrieved_max=0, steps=1))
+    assert not (tmp_path / "runs").exists()
 
 
 def test_stage_markers_are_the_stages_own_file_names():

@@ -238,11 +238,11 @@ def plan_run(options: TrainOptions):
         raise ValueError("this vocabulary has no <mask:i> tokens for CM3's infilling objective (a converted "
                          "Chameleon's has none): train with --no-cm3 (next-token prediction, as Chameleon was tuned)")
     tokenizer_dir = options.tokenizer if options.tokenizer is not None else init / "tokenizer"
-    if options.tokenizer is not None and init is not None and \
-            tokenizer_fingerprint(options.tokenizer) != tokenizer_fingerprint(init / "tokenizer"):
-        raise InputError(f"--tokenizer {options.tokenizer} ({tokenizer_fingerprint(options.tokenizer)[:12]}) is not "
-                         f"the tokenizer of --init {init} ({tokenizer_fingerprint(init / 'tokenizer')[:12]}); leave "
-                         "--tokenizer out to train with the checkpoint's own")
+    if options.tokenizer is not None and init is not None:
+        given, carried = (tokenizer_fingerprint(t, content_only=True) for t in (options.tokenizer, init / "tokenizer"))
+        if given != carried:
+            raise InputError(f"--tokenizer {options.tokenizer} ({given[:12]}) is not the tokenizer of --init {init} "
+                             f"({carried[:12]}); leave --tokenizer out to train with the checkpoint's own")
     check_made_with(options.shards, tokenizer_dir, "--tokenizer" if options.tokenizer is not None else
                     "the tokenizer of --init")
     if init is not None:
