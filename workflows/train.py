@@ -33,6 +33,7 @@ NEIGHBOUR_COLUMNS = ("neighbour_text_ids", "neighbour_image_ids")
 SFT_COLUMN = "ids"
 FINAL_DIR = "final"
 LOSS_CURVE = "loss_curve.png"
+INPUT_ERROR_FILE = "input_error.json"  # a worker's InputError (a damaged shard), for its retries and the driver
 FAIL_AT_STEP_ENV = "CM3_TRAIN_FAIL_AT_STEP"  # test hook: rank 0 exits at this step, once per run folder
 
 
@@ -332,10 +333,17 @@ def run_training(options: TrainOptions) -> TrainResult:
             checkpoint_config=CheckpointConfig(num_to_keep=options.keep),
         ),
     )
+    marker = run_dir / INPUT_ERROR_FILE
+    marker.unlink(missing_ok=True)
     print(f"training {options.stage}: {loop.total_steps} steps, {options.num_workers} worker(s) "
           f"({'GPU' if use_gpu else 'CPU'}), {loop.accumulation} micro-batch(es) of {loop.batch_size} x "
           f"{loop.sequences['seq_len']} per step; run folder {run_dir}", flush=True)
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except Exception:
+        _raise_input_error(marker)
+        raise
+    _raise_input_error(marker)
 
     with result.checkpoint.as_directory() as directory:
         model = CM3.from_pretrained(directory)
@@ -399,8 +407,33 @@ class RaySession:
         return DashboardGauges(self.run_name)
 
 
+def _raise_input_error(marker: Path) -> None:
+    """The InputError a worker met (a damaged shard found only by reading it), raised in the driver (exit 2)."""
+    from cm3.core.intact import load_json
+
+    if marker.is_file():
+        message = load_json(marker).get("message", "bad input")
+        marker.unlink(missing_ok=True)
+        raise InputError(message)
+
+
 def ray_worker(loop_config: dict) -> None:
-    """One Ray Train worker."""
+    """One Ray Train worker. Bad input (a damaged shard) cannot succeed on a retry: the first worker to meet it
+    records it in the run folder, and the retries Ray starts (`--max-failures`) fail at once with it, before
+    loading anything."""
+    from cm3.core.files import write_json
+    from cm3.core.intact import load_json
     from cm3.model.train_loop import LoopConfig, train
 
-    train(LoopConfig(**loop_config), RaySession(loop_config["run_name"], loop_config["run_dir"]))
+    marker = Path(loop_config["run_dir"]) / INPUT_ERROR_FILE
+    if marker.is_file():
+        raise InputError(load_json(marker).get("message", "bad input"))
+    try:
+        train(LoopConfig(**loop_config), RaySession(loop_config["run_name"], loop_config["run_dir"]))
+    except Exception as err:
+        cause: BaseException | None = err
+        while cause is not None and not isinstance(cause, InputError):
+            cause = cause.__cause__
+        if cause is not None:
+            write_json(marker, {"message": str(cause)})
+        raise
