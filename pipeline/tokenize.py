@@ -182,6 +182,12 @@ def _check_folder(tokens_dir: Path, config: dict) -> None:
     write_json(path, config)
 
 
+def tokenizer_identity(tokenizer_dir: Path) -> dict:
+    """What shards record of the tokenizer that made them (``recorded_tokenizer`` reads it back)."""
+    return {"tokenizer_sha256": tokenizer_fingerprint(tokenizer_dir),
+            "tokenizer_content_sha256": tokenizer_fingerprint(tokenizer_dir, content_only=True)}
+
+
 def check_tokens_out(tokens_dir: Path) -> None:
     """Refuse a token shard folder that another stage wrote (raw shards, an index, a checkpoint, ...)."""
     if (other := foreign_output(Path(tokens_dir), (CONFIG_FILE,), shards_need_own=True)) is not None:
@@ -201,8 +207,8 @@ def read_tokens_config(tokens_dir: Path) -> dict:
 def recorded_tokenizer(folder: Path) -> tuple[dict, Path] | None:
     """The fingerprints (``tokenizer_sha256``, and ``tokenizer_content_sha256`` when recorded) of the tokenizer a
     shard folder was made with, and the file that records them: token shards' ``tokenize_config.json``, or the
-    stats files of augmented shards; None when nothing records one (shards written by hand). A folder whose stats
-    name two tokenizers is refused."""
+    stats files of augmented and SFT task shards; None when nothing records one (shards written by hand). A folder
+    whose stats name two tokenizers is refused."""
     folder = Path(folder)
     keys = ("tokenizer_sha256", "tokenizer_content_sha256")
     if (folder / CONFIG_FILE).is_file():
@@ -277,8 +283,7 @@ def run_tokenize(raw_dir: Path, tokens_dir: Path, tokenizer_dir: Path, *, clip: 
         from cm3.tokenizers.clip_embedder import ClipEmbedder
 
         clip_dim = ClipEmbedder(clip["model_name"], clip["pretrained"]).dim  # fails here, early, on a bad model
-    _check_folder(tokens_dir, {"tokenizer_sha256": tokenizer_fingerprint(tokenizer_dir),
-                               "tokenizer_content_sha256": tokenizer_fingerprint(tokenizer_dir, content_only=True),
+    _check_folder(tokens_dir, {**tokenizer_identity(tokenizer_dir),
                                "tokens_per_image": tokens_per_image, "clip": clip, "clip_dim": clip_dim,
                                "raw_dir": str(raw_dir.resolve())})
     clear_staging(tokens_dir)

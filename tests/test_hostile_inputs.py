@@ -328,3 +328,26 @@ def test_eval_reference_names_never_leave_the_images_folder(tmp_path):
             named.pixels(name, 32)
     with pytest.raises(InputError, match="no such image file"):
         named.pixels("missing\x00.png", 32)
+
+
+def test_sft_task_shards_record_their_tokenizer_for_train_and_for_a_resume(tmp_path, tokenizers, checkpoint):
+    """`cm3 sft demo` (as `cm3 sft convert`) records the tokenizer in each shard's stats: training them from a
+    checkpoint with another tokenizer, or adding to the folder with another one, is refused."""
+    from cm3.pipeline.tokenize import tokenizer_fingerprint
+
+    ours, theirs = tokenizers
+    sft = tmp_path / "sft"
+    cm3("sft", "demo", "--tokenizer", str(theirs), "--out", str(sft), "--n", "1", "--shard-rows", "4", check=True)
+    stats = json.loads((sft / "00000_stats.json").read_text())
+    assert stats["tokenizer_content_sha256"] == tokenizer_fingerprint(theirs, content_only=True)
+    before = tree_hash(sft)
+    proc = cm3("train", "--stage", "sft", "--shards", str(sft), "--init", str(checkpoint), "--storage",
+               str(tmp_path / "runs"), "--steps", "1")
+    assert failed(proc, str(sft), tokenizer_fingerprint(theirs, content_only=True)[:12], "00000_stats.json",
+                  "the tokenizer of --init"), proc.stderr
+    assert tree_hash(sft) == before and not (tmp_path / "runs").exists()
+    (sft / "00001_stats.json").unlink()  # as if killed before the second shard: a resume with another tokenizer
+    before = tree_hash(sft)
+    proc = cm3("sft", "demo", "--tokenizer", str(ours), "--out", str(sft), "--n", "1", "--shard-rows", "4")
+    assert failed(proc, str(sft / "00000_stats.json"), "made with tokenizer"), proc.stderr
+    assert tree_hash(sft) == before
