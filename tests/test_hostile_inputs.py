@@ -351,3 +351,32 @@ def test_sft_task_shards_record_their_tokenizer_for_train_and_for_a_resume(tmp_p
     proc = cm3("sft", "demo", "--tokenizer", str(ours), "--out", str(sft), "--n", "1", "--shard-rows", "4")
     assert failed(proc, str(sft / "00000_stats.json"), "made with tokenizer"), proc.stderr
     assert tree_hash(sft) == before
+
+
+def test_the_local_ray_cluster_of_a_killed_driver_is_stopped(tmp_path):
+    """A driver that started a local Ray cluster is killed with SIGKILL: the watchdog stops that cluster's
+    processes (and a Ray worker's), found by the token in their environment, and nothing else."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from cm3.workflows.ray_watchdog import tagged
+
+    code = ("import os, signal, ray\n"
+            "from cm3.workflows.ray_session import connect\n"
+            "connect(None, num_cpus=1, quiet=True, dashboard=False)\n"
+            "print(ray.get(ray.remote(lambda: os.environ.get('CM3_RAY_OWNER')).remote()), flush=True)\n"
+            "print(os.environ.get('CM3_RAY_OWNER'), flush=True)\n"
+            "signal.pause()\n")
+    driver = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    token, in_driver = driver.stdout.readline().strip(), driver.stdout.readline().strip()
+    assert len(token) == 32 and in_driver == "None"  # a worker carries it; what the driver starts later does not
+    assert len(tagged(token)) >= 3  # GCS, raylet, the worker, ...
+    os.kill(driver.pid, signal.SIGKILL)
+    driver.wait()
+    deadline = time.monotonic() + 60
+    while tagged(token) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert tagged(token) == []
