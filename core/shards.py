@@ -16,7 +16,9 @@ import shutil
 import uuid
 from pathlib import Path
 
-from cm3.core.files import read_json, replace_file
+from cm3.core.errors import InputError
+from cm3.core.files import replace_file
+from cm3.core.intact import load_json
 
 SHARD_DIGITS = 5  # img2dataset's oom_shard_count
 TMP_DIR = "_tmp"
@@ -69,4 +71,39 @@ def clear_staging(out_dir: Path) -> None:
 
 
 def read_stats(out_dir: Path, shard_id: int) -> dict:
-    return read_json(stats_path(out_dir, shard_id))
+    """A shard's stats; InputError naming the file when it is not a JSON object (damaged, or not a stats file)."""
+    path = stats_path(out_dir, shard_id)
+    stats = load_json(path)
+    if not isinstance(stats, dict):
+        raise InputError(f"{path}: expected a JSON object (a shard's stats), found {type(stats).__name__}")
+    return stats
+
+
+# What each stage leaves in its output folder and no other stage writes, so a stage pointed at another's folder
+# refuses it by name instead of mixing its files in (the names are the stages' own constants: tests check them).
+STAGE_MARKERS = {
+    "ingest_config.json": "raw shards of cm3 ingest",
+    "tokenize_config.json": "token shards of cm3 tokenize",
+    "faiss": "an index of cm3 build-index",
+    "build_report.json": "an index of cm3 build-index",
+    "checkpoint.json": "a cm3 checkpoint",
+    "vocabulary.json": "a cm3 tokenizer",
+    "metrics.jsonl": "a cm3 train run",
+}
+
+
+def foreign_output(folder: Path, own: tuple[str, ...] = (), shards_need_own: bool = False) -> str | None:
+    """What another stage left in ``folder`` (e.g. "token shards of cm3 tokenize (tokenize_config.json)"), or None.
+    ``own``: the markers the asking stage writes itself; with ``shards_need_own``, shards in a folder without
+    them are another stage's too."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return None
+    for name, what in STAGE_MARKERS.items():
+        if name not in own and (folder / name).exists():
+            return f"{what} ({name})"
+    if shards_need_own and not any((folder / name).exists() for name in own):
+        shards = sorted(folder.glob(f"{'[0-9]' * SHARD_DIGITS}*.parquet"))
+        if shards:
+            return f"shards that another stage wrote ({shards[0].name}, and no {' or '.join(own)})"
+    return None

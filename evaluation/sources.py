@@ -25,6 +25,7 @@ from PIL import Image
 from cm3.core.errors import InputError
 from cm3.core.images import decode, square_pixels
 from cm3.core.shards import complete_shards, parquet_path
+from cm3.pipeline.image_folder import ImageFolder, OutsideRoot
 from cm3.pipeline.sft_readers._records import field, json_items, jsonl_records, record_dict, text
 from cm3.pipeline.sft_readers.coco import EXPECTED as COCO_EXPECTED
 from cm3.pipeline.sft_readers.coco import image_files
@@ -157,10 +158,17 @@ class NamedImages:
                     self._shard_rows[url.rsplit("/", 1)[-1]] = jpg
 
     def pixels(self, name: str, size: int) -> np.ndarray:
-        if self._shard_rows is None:
-            if not (self.path / name).is_file():
+        if self._shard_rows is None:  # the name comes from a reference file: it may not leave the folder
+            try:
+                path = ImageFolder(self.path).locate(name)
+            except OutsideRoot as err:
+                raise InputError(f"{self.path}: the image name {name!r} leads outside the folder; it was not "
+                                 "opened") from err
+            except FileNotFoundError as err:
+                raise InputError(f"{self.path / name}: no such image file") from err
+            if not path.is_file():
                 raise InputError(f"{self.path / name}: no such image file")
-            return _pixels_from_file(self.path / name, size)
+            return _pixels_from_file(path, size)
         if name not in self._shard_rows:
             raise InputError(f"{self.path}: no successful raw-shard row has a URL ending in /{name}")
         return _pixels_from_bytes(self._shard_rows[name], size, f"{self.path}: {name}")

@@ -29,11 +29,12 @@ from tqdm import tqdm
 
 from cm3.core.errors import InputError
 from cm3.core.files import write_json
-from cm3.core.shards import clear_staging, complete_shards, parquet_path, read_stats
+from cm3.core.intact import parquet_metadata
+from cm3.core.shards import clear_staging, complete_shards, foreign_output, parquet_path, read_stats
 from cm3.index.doc_store import DocStore, normalise, write_doc_store
 from cm3.index.retrieval import RetrievalSettings, drop_query_tokens, select_neighbours
 from cm3.pipeline.shard_assembler import ShardAssembler
-from cm3.pipeline.tokenize import read_tokens_config
+from cm3.pipeline.tokenize import read_tokens_config, recorded_tokenizer
 
 DOCS_DIR = "docs"
 FAISS_DIR = "faiss"  # the batch index: augmented shards
@@ -57,14 +58,26 @@ def augmented_schema(token_schema: pa.Schema, tokens_per_image: int) -> pa.Schem
         .append(pa.field("neighbour_image_ids", pa.list_(pa.list_(pa.int16(), tokens_per_image))))
 
 
-def check_build_inputs(tokens_dir: Path, clip: dict | None,
-                       index_dir: Path | None = None) -> tuple[dict, list[int], dict]:
+def check_build_inputs(tokens_dir: Path, clip: dict | None, index_dir: Path | None = None,
+                       augmented_dir: Path | None = None) -> tuple[dict, list[int], dict]:
     """(token folder config, complete shard ids, the CLIP identity to use); errors before any work, including an
-    ``index_dir`` whose indexes hold the documents of another tokenizer or the vectors of another CLIP model."""
+    ``index_dir`` whose indexes hold the documents of another tokenizer or the vectors of another CLIP model, and
+    an ``augmented_dir`` that another stage wrote or whose shards come from another tokenizer."""
     config = read_tokens_config(tokens_dir)
+    for folder, own, flag in ((index_dir, (FAISS_DIR, REPORT_FILE), "--index"), (augmented_dir, (), "--out")):
+        if folder is not None and (other := foreign_output(Path(folder), own)) is not None:
+            raise InputError(f"{folder}: holds {other}; choose another {flag} folder")
+    if augmented_dir is not None and (recorded := recorded_tokenizer(Path(augmented_dir))) is not None \
+            and recorded[0]["tokenizer_sha256"] != config["tokenizer_sha256"]:
+        raise InputError(f"{augmented_dir}: holds augmented shards of tokenizer "
+                         f"{recorded[0]['tokenizer_sha256'][:12]} (recorded in "
+                         f"{recorded[1].name}), not of {tokens_dir}'s tokenizer {config['tokenizer_sha256'][:12]}; "
+                         "choose another --out folder")
     shards = complete_shards(Path(tokens_dir))
     if not shards or sum(read_stats(tokens_dir, s).get("kept", 0) for s in shards) == 0:
         raise InputError(f"{tokens_dir}: no tokenized documents to index (empty data set)")
+    for shard in shards:  # every footer whole before anything is written: a damaged shard is named here
+        parquet_metadata(parquet_path(tokens_dir, shard))
     stored = config.get("clip")
     if stored is None and clip is None:
         raise InputError(f"{tokens_dir}: the token shards have no CLIP vectors and no CLIP model was given to "
@@ -170,7 +183,7 @@ def run_build_index(tokens_dir: Path, index_dir: Path, augmented_dir: Path, *, c
     from cm3.index.online_index import build_online_index
 
     tokens_dir, index_dir, augmented_dir = Path(tokens_dir), Path(index_dir), Path(augmented_dir)
-    config, shards, identity = check_build_inputs(tokens_dir, clip, index_dir)
+    config, shards, identity = check_build_inputs(tokens_dir, clip, index_dir, augmented_dir)
     tokens_per_image = int(config["tokens_per_image"])
     started = time.time()
     vectors = None
@@ -208,7 +221,9 @@ def run_build_index(tokens_dir: Path, index_dir: Path, augmented_dir: Path, *, c
                 for s in shards if s not in done}
     token_schema = pq.read_schema(parquet_path(tokens_dir, shards[0]))
     assembler = ShardAssembler(augmented_dir, expected, augmented_schema(token_schema, tokens_per_image),
-                               {"retrieval": asdict(settings.retrieval)})
+                               {"retrieval": asdict(settings.retrieval),
+                                **{k: config[k] for k in ("tokenizer_sha256", "tokenizer_content_sha256")
+                                   if k in config}})
     for shard_id in [s for s, count in expected.items() if count == 0]:
         assembler.commit(shard_id)
     pending = [s for s, count in expected.items() if count > 0]

@@ -17,7 +17,9 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from cm3.core.errors import InputError
 from cm3.core.files import atomic_write
+from cm3.core.intact import load_json, safetensors_header
 from cm3.tokenizers.vocabulary import DEFAULT_VOCABULARY, Vocabulary
 
 from .config import CM3Config
@@ -471,7 +473,7 @@ class CM3(nn.Module):
         config_path = directory / CONFIG_NAME
         if not config_path.is_file():
             raise FileNotFoundError(f"{config_path} not found: not a saved CM3 checkpoint (or an unfinished save)")
-        config = CM3Config.from_dict(json.loads(config_path.read_text()))
+        config = CM3Config.from_dict(load_json(config_path))
         if expected_vocab_size is not None and config.vocab_size != expected_vocab_size:
             raise ValueError(f"checkpoint {directory} has vocab_size {config.vocab_size} but the vocabulary in use "
                              f"has {expected_vocab_size}; the tokenizer and the model must match")
@@ -485,12 +487,25 @@ class CM3(nn.Module):
 
 def load_weights(directory: Path, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
     """The state dict of model.safetensors, or of every shard that model.safetensors.index.json names."""
+    state: dict[str, torch.Tensor] = {}
+    for path in check_weights(directory):
+        state.update(load_file(path, device=str(device)))
+    return state
+
+
+def check_weights(directory: Path) -> list[Path]:
+    """The weight files of a checkpoint folder, each checked whole (header and size) before any is read, so a
+    truncated or damaged one is named (InputError) rather than failing inside safetensors or a Ray worker."""
+    directory = Path(directory)
     index = directory / WEIGHTS_INDEX_NAME
     if not index.is_file():
-        return load_file(directory / WEIGHTS_NAME, device=str(device))
-    weight_map = json.loads(index.read_text())["weight_map"]
-    state: dict[str, torch.Tensor] = {}
-    for name in sorted(set(weight_map.values())):
-        state.update(load_file(directory / name, device=str(device)))
-    return state
+        files = [directory / WEIGHTS_NAME]
+    else:
+        weight_map = load_json(index)
+        if not isinstance(weight_map, dict) or not isinstance(weight_map.get("weight_map"), dict):
+            raise InputError(f"{index}: expected a JSON object with a weight_map")
+        files = [directory / name for name in sorted(set(map(str, weight_map["weight_map"].values())))]
+    for path in files:
+        safetensors_header(path)
+    return files
 

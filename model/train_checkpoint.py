@@ -12,15 +12,18 @@ same number of workers.
 from __future__ import annotations
 
 import json
+import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from cm3.core.errors import InputError
 from cm3.core.files import atomic_write
+from cm3.core.intact import load_json
 from cm3.model.config import CM3Config
-from cm3.model.decoder import CM3
+from cm3.model.decoder import CM3, check_weights
 
 STATE_FILE = "train_state.json"
 OPTIMIZER_FILE = "optimizer.pt"
@@ -90,6 +93,38 @@ def load_train_checkpoint(directory: Path) -> tuple[CM3, dict, TrainState]:
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The newest complete training checkpoint in a run folder (names carry the zero-padded step)."""
-    done = sorted(p.parent for p in Path(run_dir).glob(f"{CHECKPOINT_PREFIX}*/{STATE_FILE}"))
-    return done[-1] if done else None
+    """The newest complete training checkpoint in a run folder (names carry the zero-padded step); a newer one
+    that a killed run left half-copied is passed over."""
+    written = sorted(p.parent for p in Path(run_dir).glob(f"{CHECKPOINT_PREFIX}*/{STATE_FILE}"))
+    return next((folder for folder in reversed(written) if is_complete(folder)), None)
+
+
+def is_complete(directory: Path) -> bool:
+    """Every file of the checkpoint is whole: the train state and config parse, the weights' headers cover their
+    files exactly, the optimizer state's zip directory (at its end) is there. Cheap: no tensor is read."""
+    directory = Path(directory)
+    try:
+        TrainState(**load_json(directory / STATE_FILE))
+        load_json(directory / "config.json")
+        check_weights(directory)
+        with zipfile.ZipFile(directory / OPTIMIZER_FILE):
+            pass
+    except (InputError, OSError, TypeError, zipfile.BadZipFile):
+        return False
+    return True
+
+
+def checkpoint_step(directory: Path) -> int:
+    """The step in a checkpoint folder's name (-1 for a name not made by ``checkpoint_name``)."""
+    suffix = Path(directory).name.removeprefix(CHECKPOINT_PREFIX)
+    return int(suffix) if suffix.isdigit() else -1
+
+
+def resume_from(registered: Path | None, run_dir: Path) -> Path | None:
+    """The checkpoint to resume from: the newest complete one on disk when it is newer than the one the
+    orchestrator registered (Ray's record of its checkpoints is written later than the checkpoints themselves,
+    so after a driver is killed it can lag several checkpoints behind what is on disk)."""
+    on_disk = latest_checkpoint(run_dir)
+    if on_disk is not None and (registered is None or checkpoint_step(on_disk) > checkpoint_step(registered)):
+        return on_disk
+    return registered

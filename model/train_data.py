@@ -27,6 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from cm3.core.errors import InputError
 from cm3.model.sequences import Packed, SequenceConfig, pack, transform, transformed_example
 from cm3.tokenizers.vocabulary import Vocabulary
 
@@ -143,7 +144,11 @@ class RankShards:
             if skip >= unit.rows:
                 skip -= unit.rows
                 continue
-            table = pq.ParquetFile(unit.path).read_row_group(unit.row_group, columns=self.columns)
+            try:
+                table = pq.ParquetFile(unit.path).read_row_group(unit.row_group, columns=self.columns)
+            except (OSError, pa.ArrowException) as err:  # a damaged page behind an intact footer: name the file
+                raise InputError(f"{unit.path}: row group {unit.row_group} cannot be read, the file is damaged "
+                                 f"({err})") from err
             rows = NumpyRows(table.slice(unit.start, unit.rows))
             order = np.random.default_rng([self.seed, epoch, unit.first_row]).permutation(unit.rows)
             for i in order[skip:]:

@@ -35,12 +35,14 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from cm3.core.errors import InputError
-from cm3.core.files import read_json, write_json
+from cm3.core.files import write_json
+from cm3.core.intact import load_json
 from cm3.core.shards import (
     SHARD_DIGITS,
     clear_staging,
     commit_shard,
     complete_shards,
+    foreign_output,
     new_attempt_dir,
     parquet_path,
     read_stats,
@@ -225,10 +227,15 @@ def check_output_folder(out_dir: Path, spec: UrlListSpec, settings: DownloadSett
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise InputError(f"{out_dir}: exists and is not a folder")
+    if (other := foreign_output(out_dir, (CONFIG_FILE,), shards_need_own=True)) is not None:
+        raise InputError(f"{out_dir}: holds {other}, not raw shards of cm3 ingest; --out must be a new folder or "
+                         "one that cm3 ingest wrote")
     path = out_dir / CONFIG_FILE
     if not path.exists():
         return
-    previous, config = read_json(path), _folder_config(spec, settings)
+    previous, config = load_json(path), _folder_config(spec, settings)
+    if not isinstance(previous, dict):
+        raise InputError(f"{path}: expected a JSON object (the folder's input and settings)")
     changed = sorted(
         f"{part}.{key}"
         for part in config

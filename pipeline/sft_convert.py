@@ -31,8 +31,9 @@ class Conversion:
 
 def convert(name: str, fmt: Format, task: str, sources: Sources, images: ImageFolder,
             tokenizer: MultimodalTokenizer, out: PathLike, shard_rows: int = 10_000, seed: int = 0,
-            batch_size: int = 32) -> Conversion:
-    """Check ``sources`` whole, then write the ``task`` rows of format ``fmt`` (called ``name``) to ``out``."""
+            batch_size: int = 32, tokenizer_identity: dict | None = None) -> Conversion:
+    """Check ``sources`` whole, then write the ``task`` rows of format ``fmt`` (called ``name``) to ``out``
+    (``tokenizer_identity``: see ``write_task_shards``)."""
     for item in fmt.read(name, task, sources):
         if isinstance(item, Example):
             for ref in item.images:
@@ -46,5 +47,5 @@ def convert(name: str, fmt: Format, task: str, sources: Sources, images: ImageFo
             count += 1
             yield row
 
-    written = write_task_shards(counted(), Path(out), tokenizer.tokens_per_image, shard_rows)
+    written = write_task_shards(counted(), Path(out), tokenizer.tokens_per_image, shard_rows, tokenizer_identity)
     return Conversion(written, count, skips)

@@ -169,8 +169,12 @@ def box_text(name: str, box: tuple[float, float, float, float], left: float, top
 
 
 def write_task_shards(rows: Iterable[TaskRow], out_dir: PathLike, tokens_per_image: int,
-                      shard_rows: int) -> list[int]:
+                      shard_rows: int, tokenizer_identity: dict | None = None) -> list[int]:
     """Write rows as task shards of ``shard_rows`` rows; returns the shard ids written this call.
+
+    ``tokenizer_identity`` (``tokenizer_sha256`` and ``tokenizer_content_sha256`` of the tokenizer folder) goes
+    into every shard's stats, so `cm3 train` can refuse the shards with another tokenizer; a folder whose shards
+    record another one is refused here.
 
     Shard k holds rows [k * shard_rows, (k + 1) * shard_rows). Complete shards are skipped (their rows
     are still drawn from ``rows``, which must be the same sequence as before), so a killed run
@@ -181,10 +185,15 @@ def write_task_shards(rows: Iterable[TaskRow], out_dir: PathLike, tokens_per_ima
     clear_staging(out)
     done = set(complete_shards(out))
     for shard_id in done:
-        found = read_stats(out, shard_id).get("tokens_per_image")
+        stats = read_stats(out, shard_id)
+        found = stats.get("tokens_per_image")
         if found != tokens_per_image:
             raise InputError(f"{stats_path(out, shard_id)}: tokens_per_image is {found!r}, not "
                              f"{tokens_per_image}; write to another folder")
+        recorded = stats.get("tokenizer_sha256")
+        if tokenizer_identity and recorded and recorded != tokenizer_identity.get("tokenizer_sha256"):
+            raise InputError(f"{stats_path(out, shard_id)}: made with tokenizer {str(recorded)[:12]}, not "
+                             f"{tokenizer_identity['tokenizer_sha256'][:12]}; write to another folder")
     written = []
     for shard_id, chunk in enumerate(chunks(rows, shard_rows)):
         if shard_id in done:
@@ -193,7 +202,7 @@ def write_task_shards(rows: Iterable[TaskRow], out_dir: PathLike, tokens_per_ima
         table = pa.Table.from_pylist([_storable(row) for row in chunk], schema=schema)
         pq.write_table(table, attempt / parquet_path(out, shard_id).name)
         stats = {"count": len(chunk), "tasks": dict(Counter(row["task"] for row in chunk)),
-                 "tokens_per_image": tokens_per_image}
+                 "tokens_per_image": tokens_per_image, **(tokenizer_identity or {})}
         write_json(attempt / stats_path(out, shard_id).name, stats)
         commit_shard(attempt, out, shard_id)
         written.append(shard_id)

@@ -25,8 +25,9 @@ import pyarrow as pa
 from tqdm import tqdm
 
 from cm3.core.errors import InputError
-from cm3.core.files import read_json, write_json
-from cm3.core.shards import clear_staging, complete_shards, parquet_path, read_stats
+from cm3.core.files import write_json
+from cm3.core.intact import load_json, parquet_metadata
+from cm3.core.shards import clear_staging, complete_shards, foreign_output, parquet_path, read_stats
 from cm3.pipeline.shard_assembler import ShardAssembler
 
 CONFIG_FILE = "tokenize_config.json"
@@ -52,10 +53,15 @@ def _vectors(rows: list[np.ndarray | None], dim: int) -> pa.Array:
     return pa.array(values, pa.list_(pa.float16(), dim))
 
 
-def tokenizer_fingerprint(tokenizer_dir: Path) -> str:
-    """A digest of every file of the tokenizer artefact: token shards are only valid for that tokenizer."""
+def tokenizer_fingerprint(tokenizer_dir: Path, content_only: bool = False) -> str:
+    """A digest of every file of the tokenizer artefact: token shards are only valid for that tokenizer. With
+    ``content_only``, hidden files (a run's ``.done`` marker, editor leftovers) are left out, so the tokenizer a
+    checkpoint carries (``MultimodalTokenizer.save`` of it, byte for byte) has the same digest as its source."""
     digest = hashlib.sha256()
-    for path in sorted(p for p in Path(tokenizer_dir).rglob("*") if p.is_file()):
+    files = sorted(p for p in Path(tokenizer_dir).rglob("*") if p.is_file())
+    if content_only:
+        files = [p for p in files if not any(part.startswith(".") for part in p.relative_to(tokenizer_dir).parts)]
+    for path in files:
         digest.update(str(path.relative_to(tokenizer_dir)).encode())
         with open(path, "rb") as handle:
             for block in iter(lambda: handle.read(1 << 20), b""):
@@ -157,10 +163,12 @@ class TokenizeResult:
 
 
 def _check_folder(tokens_dir: Path, config: dict) -> None:
-    """Token shards in one folder share one tokenizer and one CLIP model; refuse to mix."""
+    """Token shards in one folder share one tokenizer and one CLIP model; refuse to mix, and refuse a folder that
+    another stage wrote."""
+    check_tokens_out(tokens_dir)
     path = tokens_dir / CONFIG_FILE
     if path.exists():
-        previous = read_json(path)
+        previous = load_json(path)
         if previous.get("tokenizer_sha256") != config["tokenizer_sha256"]:
             raise InputError(
                 f"{tokens_dir}: holds token shards from another tokenizer (tokenizer_sha256 "
@@ -174,11 +182,65 @@ def _check_folder(tokens_dir: Path, config: dict) -> None:
     write_json(path, config)
 
 
+def tokenizer_identity(tokenizer_dir: Path) -> dict:
+    """What shards record of the tokenizer that made them (``recorded_tokenizer`` reads it back)."""
+    return {"tokenizer_sha256": tokenizer_fingerprint(tokenizer_dir),
+            "tokenizer_content_sha256": tokenizer_fingerprint(tokenizer_dir, content_only=True)}
+
+
+def check_tokens_out(tokens_dir: Path) -> None:
+    """Refuse a token shard folder that another stage wrote (raw shards, an index, a checkpoint, ...)."""
+    if (other := foreign_output(Path(tokens_dir), (CONFIG_FILE,), shards_need_own=True)) is not None:
+        raise InputError(f"{tokens_dir}: holds {other}, not token shards; choose another --out")
+
+
 def read_tokens_config(tokens_dir: Path) -> dict:
     path = Path(tokens_dir) / CONFIG_FILE
     if not path.exists():
         raise InputError(f"{tokens_dir}: not a token shard folder ({CONFIG_FILE} is missing); run cm3 tokenize")
-    return read_json(path)
+    config = load_json(path)
+    if not isinstance(config, dict) or not isinstance(config.get("tokenizer_sha256"), str):
+        raise InputError(f"{path}: expected a JSON object with tokenizer_sha256, the tokenizer's fingerprint")
+    return config
+
+
+def recorded_tokenizer(folder: Path) -> tuple[dict, Path] | None:
+    """The fingerprints (``tokenizer_sha256``, and ``tokenizer_content_sha256`` when recorded) of the tokenizer a
+    shard folder was made with, and the file that records them: token shards' ``tokenize_config.json``, or the
+    stats files of augmented and SFT task shards; None when nothing records one (shards written by hand). A folder
+    whose stats name two tokenizers is refused."""
+    folder = Path(folder)
+    keys = ("tokenizer_sha256", "tokenizer_content_sha256")
+    if (folder / CONFIG_FILE).is_file():
+        config = read_tokens_config(folder)
+        return {k: config[k] for k in keys if isinstance(config.get(k), str)}, folder / CONFIG_FILE
+    found: dict[str, tuple[dict, Path]] = {}
+    for stats in sorted(folder.glob("*_stats.json")):
+        content = load_json(stats)
+        if isinstance(content, dict) and isinstance(content.get(keys[0]), str):
+            found.setdefault(content[keys[0]], ({k: content[k] for k in keys if isinstance(content.get(k), str)},
+                                                stats))
+    if len(found) > 1:
+        (a, (_, path_a)), (b, (_, path_b)) = list(found.items())[:2]
+        raise InputError(f"{folder}: holds shards of two tokenizers ({path_a.name}: {a[:12]}, {path_b.name}: "
+                         f"{b[:12]})")
+    return next(iter(found.values()), None)
+
+
+def check_made_with(folder: Path, tokenizer_dir: Path, flag: str) -> None:
+    """Refuse shards whose ids come from another tokenizer than ``tokenizer_dir`` (``flag`` names the option
+    that chose it): the same ids would mean other words and image codes. The content digest is compared when the
+    folder records one (a checkpoint's copy of a tokenizer matches its source), else the digest of every file."""
+    recorded = recorded_tokenizer(folder)
+    if recorded is None:
+        return
+    theirs, source = recorded
+    key = "tokenizer_content_sha256" if "tokenizer_content_sha256" in theirs else "tokenizer_sha256"
+    ours = tokenizer_fingerprint(tokenizer_dir, content_only=key == "tokenizer_content_sha256")
+    if theirs[key] != ours:
+        raise InputError(f"{folder}: its shards were made with tokenizer {theirs[key][:12]} (recorded in "
+                         f"{source.name}), not with {flag} {tokenizer_dir} ({ours[:12]}); tokenize the data with "
+                         "that tokenizer, or train with the one that made the shards")
 
 
 def check_tokenizer_folder(tokenizer_dir: Path) -> None:
@@ -187,14 +249,18 @@ def check_tokenizer_folder(tokenizer_dir: Path) -> None:
             raise InputError(f"{tokenizer_dir}: not a cm3 tokenizer (missing {name}); build one with cm3 tokenizer build")
 
 
-def check_tokenize_inputs(raw_dir: Path, tokenizer_dir: Path) -> list[int]:
+def check_tokenize_inputs(raw_dir: Path, tokenizer_dir: Path, tokens_dir: Path | None = None) -> list[int]:
     """Validate before any work; returns the complete raw shard ids."""
+    if tokens_dir is not None:
+        check_tokens_out(tokens_dir)
     if not Path(raw_dir).is_dir():
         raise InputError(f"{raw_dir}: no such folder of raw shards")
     shards = complete_shards(Path(raw_dir))
     if not shards:
         raise InputError(f"{raw_dir}: no complete raw shards (NNNNN.parquet with NNNNN_stats.json); run cm3 ingest")
     check_tokenizer_folder(tokenizer_dir)
+    for shard in shards:  # every footer whole before Ray starts: a damaged raw shard is named here
+        parquet_metadata(parquet_path(Path(raw_dir), shard))
     return shards
 
 
@@ -217,7 +283,7 @@ def run_tokenize(raw_dir: Path, tokens_dir: Path, tokenizer_dir: Path, *, clip: 
         from cm3.tokenizers.clip_embedder import ClipEmbedder
 
         clip_dim = ClipEmbedder(clip["model_name"], clip["pretrained"]).dim  # fails here, early, on a bad model
-    _check_folder(tokens_dir, {"tokenizer_sha256": tokenizer_fingerprint(tokenizer_dir),
+    _check_folder(tokens_dir, {**tokenizer_identity(tokenizer_dir),
                                "tokens_per_image": tokens_per_image, "clip": clip, "clip_dim": clip_dim,
                                "raw_dir": str(raw_dir.resolve())})
     clear_staging(tokens_dir)

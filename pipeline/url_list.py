@@ -86,7 +86,7 @@ def _header_columns(path: Path, fmt: str) -> list[str]:
             return []
     except InputError:
         raise
-    except (pa.ArrowInvalid, OSError, UnicodeDecodeError) as err:
+    except (pa.ArrowException, OSError, UnicodeDecodeError) as err:
         raise InputError(f"{path}: cannot be read as {fmt}: {err}") from err
     return ["url"]  # txt: one URL per line
 
@@ -206,16 +206,19 @@ def iter_chunks(spec: UrlListSpec, chunk_rows: int) -> Iterator[pa.Table]:
         raise InputError(f"chunk size must be at least 1 row, got {chunk_rows}")
     pending: list[pa.Table] = []
     pending_rows = 0
-    for table in _raw_batches(spec, block_rows=max(1, min(chunk_rows, 65536))):
-        table = _normalise(spec, table)
-        while table.num_rows:
-            take = min(chunk_rows - pending_rows, table.num_rows)
-            pending.append(table.slice(0, take))
-            pending_rows += take
-            table = table.slice(take)
-            if pending_rows == chunk_rows:
-                yield pa.concat_tables(pending).combine_chunks()
-                pending, pending_rows = [], 0
+    try:  # a file damaged past its header (bytes that are not UTF-8, a cut Parquet page) is named here
+        for table in _raw_batches(spec, block_rows=max(1, min(chunk_rows, 65536))):
+            table = _normalise(spec, table)
+            while table.num_rows:
+                take = min(chunk_rows - pending_rows, table.num_rows)
+                pending.append(table.slice(0, take))
+                pending_rows += take
+                table = table.slice(take)
+                if pending_rows == chunk_rows:
+                    yield pa.concat_tables(pending).combine_chunks()
+                    pending, pending_rows = [], 0
+    except (pa.ArrowException, OSError, UnicodeDecodeError) as err:
+        raise InputError(f"{spec.path}: cannot be read as {spec.fmt}: {err}") from err
     if pending_rows:
         yield pa.concat_tables(pending).combine_chunks()
 

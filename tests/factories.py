@@ -116,3 +116,42 @@ def save_random_inception(path: Path) -> Path:
             torch.nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
     torch.save(network.state_dict(), path)
     return path
+
+
+def write_token_shards(folder: Path, tokenizer_dir: Path, shards: int = 2, rows: int = 6,
+                       clip: dict | None = None) -> Path:
+    """Token shards in cm3 tokenize's layout (config, shards, stats), recording ``tokenizer_dir``'s fingerprint;
+    ids follow the caption index so they are valid for the training tests' tokenizer."""
+    from cm3.pipeline.tokenize import CONFIG_FILE, token_schema, tokenizer_fingerprint
+
+    tokenizer = MultimodalTokenizer.load(tokenizer_dir)
+    tokens = tokenizer.tokens_per_image
+    folder.mkdir(parents=True)
+    for shard in range(shards):
+        caps = TRAIN_CAPTIONS[shard * rows:(shard + 1) * rows]
+        table = pa.Table.from_pylist([
+            {"key": f"{shard:05d}{row:03d}", "url": f"http://127.0.0.1:9/{row}.jpg", "caption": caption,
+             "source_shard": shard, "text_ids": tokenizer.text.encode(caption),
+             "image_ids": [(row + k) % tokenizer.vocab.image_vocab_size for k in range(tokens)]}
+            for row, caption in enumerate(caps)], schema=token_schema(tokens))
+        pq.write_table(table, parquet_path(folder, shard))
+        write_json(stats_path(folder, shard), {"count": rows, "kept": rows, "tokens_per_image": tokens})
+    write_json(folder / CONFIG_FILE, {"tokenizer_sha256": tokenizer_fingerprint(tokenizer_dir),
+                                      "tokenizer_content_sha256": tokenizer_fingerprint(tokenizer_dir, True),
+                                      "tokens_per_image": tokens, "clip": clip, "clip_dim": 32 if clip else None,
+                                      "raw_dir": str(folder.parent / "raw")})
+    return folder
+
+
+def save_tiny_checkpoint(folder: Path, tokenizer_dir: Path) -> Path:
+    """A 1-layer decoder with the tokenizer as a cm3 inference checkpoint (what cm3 generate and --init read)."""
+    from cm3.model.checkpoint import save_checkpoint
+    from cm3.model.config import CM3Config
+    from cm3.model.decoder import CM3
+
+    tokenizer = MultimodalTokenizer.load(tokenizer_dir)
+    torch.manual_seed(0)
+    config = CM3Config.from_preset("tiny", vocab_size=tokenizer.vocab.size, n_layers=1, d_model=32, n_heads=2,
+                                   max_seq_len=256)
+    save_checkpoint(folder, CM3(config), tokenizer, {"stage": "test"})
+    return folder

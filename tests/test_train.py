@@ -250,7 +250,7 @@ def test_bad_inputs_fail_before_training_with_the_path_named(tmp_path, tokenizer
 
     broken = write_augmented_shards(tmp_path / "broken", vocab, shards=2)
     (broken / "00001.parquet").write_bytes(b"not parquet at all")
-    with pytest.raises(ValueError, match=r"00001\.parquet: unreadable shard"):
+    with pytest.raises(ValueError, match=r"00001\.parquet: unreadable Parquet file"):
         run_training(options("pretrain", broken, storage, tokenizer=tokenizer_dir))
 
     with pytest.raises(FileNotFoundError, match="missing-init"):
@@ -308,3 +308,33 @@ def test_chameleon_sft_with_the_image_head_only(tmp_path, ray_local):
     assert torch.equal(tuned.lm_head.weight[text], init.lm_head.weight[text])
     assert not torch.equal(tuned.lm_head.weight[image], init.lm_head.weight[image])
     assert torch.equal(tuned.blocks[1].mlp.up.weight, init.blocks[1].mlp.up.weight)
+
+
+def damage_a_page_header(path: Path, column: str) -> None:
+    """Overwrite the header of ``column``'s first data page: the footer still reads, the page does not."""
+    metadata = pq.ParquetFile(path).metadata
+    names = [metadata.row_group(0).column(c).path_in_schema for c in range(metadata.num_columns)]
+    start = metadata.row_group(0).column(names.index(f"{column}.list.element")).data_page_offset
+    data = bytearray(path.read_bytes())
+    data[start:start + 16] = bytes(b ^ 0xFF for b in data[start:start + 16])
+    path.write_bytes(bytes(data))
+
+
+def test_a_damaged_page_behind_an_intact_footer_is_named_and_not_retried(tmp_path, tokenizer_dir, vocab, ray_local):
+    """Only a worker can find it (the driver reads footers): its InputError names the file, the retries Ray starts
+    fail at once with it, and the driver raises it (exit 2 in the CLI)."""
+    from cm3.core.errors import InputError
+    from cm3.model.train_data import RankShards, shard_units
+    from cm3.workflows.train import INPUT_ERROR_FILE, run_training
+
+    shards = write_augmented_shards(tmp_path / "shards", vocab, shards=1, rows=16)
+    damaged = shards / "00000.parquet"
+    damage_a_page_header(damaged, "text_ids")
+    assert pq.ParquetFile(damaged).metadata.num_rows == 16  # the footer is whole
+    rows = RankShards(shard_units([str(damaged)], 1), ["text_ids", "image_ids"], seed=0).rows(epoch=0)
+    with pytest.raises(InputError, match=rf"{damaged}: row group 0 cannot be read, the file is damaged"):
+        next(rows)
+    with pytest.raises(InputError, match=rf"{damaged}: row group 0 cannot be read"):
+        run_training(options("pretrain", shards, tmp_path / "runs", tokenizer=tokenizer_dir, steps=2,
+                             max_failures=2, retrieved_max=0, retrieved_min=0))
+    assert not (tmp_path / "runs" / "run" / INPUT_ERROR_FILE).exists()

@@ -21,6 +21,7 @@ import torch
 from numpy.typing import ArrayLike
 
 from cm3.core.files import PathLike, atomic_folder
+from cm3.core.intact import load_json
 from cm3.tokenizers.chameleon import ChameleonVocabulary
 from cm3.tokenizers.layout import Order, decode_document
 from cm3.tokenizers.text import TextTokenizer, train_from_shards
@@ -120,7 +121,7 @@ class MultimodalTokenizer:
         vocab_path = root / VOCAB_FILE
         if not vocab_path.is_file():
             raise FileNotFoundError(f"{root} is not a saved multimodal tokenizer: {vocab_path} is missing")
-        meta = json.loads(vocab_path.read_text())
+        meta = load_json(vocab_path)
         if meta.get("format_version") != FORMAT_VERSION:
             raise ValueError(f"{vocab_path}: format_version {meta.get('format_version')!r} is not "
                              f"{FORMAT_VERSION}, the one this code reads")

@@ -15,7 +15,9 @@ from pathlib import Path
 import pyarrow.parquet as pq
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from cm3.core.errors import InputError
 from cm3.core.files import PathLike, atomic_write
+from cm3.core.intact import load_json
 
 BYTE_ALPHABET_SIZE = 256
 SHARD_BATCH_ROWS = 8192  # captions read from a Parquet shard at a time
@@ -51,8 +53,12 @@ class TextTokenizer:
 
     @classmethod
     def from_file(cls, path: PathLike) -> TextTokenizer:
-        """Load any `tokenizer.json` (ours, or e.g. GPT-2's)."""
-        return cls(Tokenizer.from_file(str(path)))
+        """Load any `tokenizer.json` (ours, or e.g. GPT-2's); a damaged file is an InputError naming it."""
+        load_json(path)
+        try:
+            return cls(Tokenizer.from_file(str(path)))
+        except Exception as err:  # the Rust library raises a bare Exception
+            raise InputError(f"{path}: not a tokenizers BPE file ({err})") from err
 
     def save(self, path: PathLike) -> None:
         atomic_write(path, lambda staged: self.tokenizer.save(str(staged)))

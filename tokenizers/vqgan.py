@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cm3.core.files import atomic_write
+from cm3.core.intact import load_json, safetensors_header
 
 WEIGHTS_NAME = "model.safetensors"
 NORMS = ("group", "channel")
@@ -539,7 +540,8 @@ class VQGAN(nn.Module):
         from safetensors.torch import load_file
 
         directory = Path(directory)
-        config = VQGANConfig.from_dict(json.loads((directory / CONFIG_NAME).read_text()))
+        config = VQGANConfig.from_dict(load_json(directory / CONFIG_NAME))
+        safetensors_header(directory / WEIGHTS_NAME)  # a truncated file is named, not a safetensors traceback
         model = cls(config)
         model.load_checked(load_file(str(directory / WEIGHTS_NAME)))
         return model.for_inference(device)
@@ -582,6 +584,7 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
+        safetensors_header(path)  # a truncated file is named, not a safetensors traceback
         return load_file(str(path))
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)

@@ -19,7 +19,8 @@ def connect(address: str | None = None, num_cpus: int | None = None, quiet: bool
             dashboard: bool = True) -> str | None:
     """Start or join Ray; returns the dashboard URL (printed unless ``quiet``).
 
-    ``address=None`` starts a local cluster bound to loopback, with the dashboard on unless ``dashboard`` is False;
+    ``address=None`` starts a local cluster bound to loopback, with the dashboard on unless ``dashboard`` is False,
+    and stopped by a watchdog (``ray_watchdog``) if this process dies without stopping it;
     ``"auto"`` joins the cluster started on this machine by ``ray start``; ``host:port`` joins that head.
     """
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -41,7 +42,16 @@ def connect(address: str | None = None, num_cpus: int | None = None, quiet: bool
         kwargs["address"] = address
         if address == "auto" or _is_loopback(address):
             kwargs["_node_ip_address"] = LOOPBACK
-    context = ray.init(**kwargs)
+    if address is None:  # a cluster this process owns: a watchdog stops it if this process is killed
+        from cm3.workflows.ray_watchdog import OWNER_VARIABLE, watch_children
+
+        watch_children()
+        try:
+            context = ray.init(**kwargs)
+        finally:  # the cluster's processes carry the tag; what this process starts later does not
+            os.environ.pop(OWNER_VARIABLE, None)
+    else:
+        context = ray.init(**kwargs)
     url = context.dashboard_url
     if url and not url.startswith("http"):
         url = f"http://{url}"

@@ -25,12 +25,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from cm3.core.errors import InputError
+
 STAGES = ("pretrain", "sft")
 DOCUMENT_COLUMNS = ("text_ids", "image_ids")
 NEIGHBOUR_COLUMNS = ("neighbour_text_ids", "neighbour_image_ids")
 SFT_COLUMN = "ids"
 FINAL_DIR = "final"
 LOSS_CURVE = "loss_curve.png"
+INPUT_ERROR_FILE = "input_error.json"  # a worker's InputError (a damaged shard), for its retries and the driver
 FAIL_AT_STEP_ENV = "CM3_TRAIN_FAIL_AT_STEP"  # test hook: rank 0 exits at this step, once per run folder
 
 
@@ -111,29 +114,26 @@ def training_shards(folder: Path) -> list[Path]:
     else:
         paths = sorted(folder.glob("*.parquet"))
     if not paths:
-        raise ValueError(f"{folder}: no shards to train on (expected NNNNN.parquet files with NNNNN_stats.json)")
+        raise InputError(f"{folder}: no shards to train on (expected NNNNN.parquet files with NNNNN_stats.json)")
     return paths
 
 
 def shard_columns(paths: list[Path], stage: str, retrieved_max: int, workers: int = 1) -> list[str]:
     """The columns to read, after checking every shard's footer: unreadable or unsuitable shards fail here,
     by name, instead of deep inside a worker."""
-    import pyarrow.parquet as pq
+    from cm3.core.intact import parquet_metadata
 
     rows, names = 0, None
     for path in paths:
-        try:
-            meta = pq.ParquetFile(path)
-        except Exception as err:  # pyarrow raises several types for a corrupt or truncated file
-            raise ValueError(f"{path}: unreadable shard ({err})") from err
-        rows += meta.metadata.num_rows
+        meta = parquet_metadata(path)
+        rows += meta.num_rows
         if names is None:
-            names = set(meta.schema_arrow.names)
+            names = set(meta.schema.to_arrow_schema().names)
             columns = _columns_for(names, stage, retrieved_max, path)
-        elif missing := sorted(set(columns) - set(meta.schema_arrow.names)):
-            raise ValueError(f"{path}: missing column(s) {missing} that {paths[0]} has")
+        elif missing := sorted(set(columns) - set(meta.schema.to_arrow_schema().names)):
+            raise InputError(f"{path}: missing column(s) {missing} that {paths[0]} has")
     if rows < workers:
-        raise ValueError(f"{paths[0].parent}: the shards hold {rows} row(s), fewer than the {workers} worker(s)")
+        raise InputError(f"{paths[0].parent}: the shards hold {rows} row(s), fewer than the {workers} worker(s)")
     return columns
 
 
@@ -142,10 +142,10 @@ def _columns_for(names: set[str], stage: str, retrieved_max: int, path: Path) ->
         return [SFT_COLUMN]
     if not set(DOCUMENT_COLUMNS) <= names:
         wanted = f"'{SFT_COLUMN}' or " if stage == "sft" else ""
-        raise ValueError(f"{path}: expected columns {wanted}{list(DOCUMENT_COLUMNS)}, found {sorted(names)}")
+        raise InputError(f"{path}: expected columns {wanted}{list(DOCUMENT_COLUMNS)}, found {sorted(names)}")
     neighbours = [c for c in NEIGHBOUR_COLUMNS if c in names]
     if stage == "pretrain" and retrieved_max > 0 and len(neighbours) < len(NEIGHBOUR_COLUMNS):
-        raise ValueError(f"{path}: not a retrieval-augmented shard (no {list(NEIGHBOUR_COLUMNS)}); build them "
+        raise InputError(f"{path}: not a retrieval-augmented shard (no {list(NEIGHBOUR_COLUMNS)}); build them "
                          "with `cm3 build-index`, or pass --retrieved-max 0")
     return [*DOCUMENT_COLUMNS, *neighbours]
 
@@ -197,13 +197,16 @@ def plan_run(options: TrainOptions):
     """(LoopConfig, tokenizer) after every check that can fail on bad input."""
     import importlib.util
 
+    from cm3.core.intact import load_json
     from cm3.model.config import CM3Config
+    from cm3.model.decoder import check_weights
     from cm3.model.parallelize import ParallelOptions
     from cm3.model.sequences import SequenceConfig
     from cm3.model.train_checkpoint import latest_checkpoint
     from cm3.model.train_data import shard_units
     from cm3.model.train_loop import LoopConfig
     from cm3.model.train_step import TRAINABLE, grad_accumulation, total_steps_for
+    from cm3.pipeline.tokenize import check_made_with, tokenizer_fingerprint
     from cm3.tokenizers.multimodal import MultimodalTokenizer
 
     if options.stage not in STAGES:
@@ -235,8 +238,17 @@ def plan_run(options: TrainOptions):
     if options.cm3 and not tokenizer.vocab.num_sentinels:
         raise ValueError("this vocabulary has no <mask:i> tokens for CM3's infilling objective (a converted "
                          "Chameleon's has none): train with --no-cm3 (next-token prediction, as Chameleon was tuned)")
+    tokenizer_dir = options.tokenizer if options.tokenizer is not None else init / "tokenizer"
+    if options.tokenizer is not None and init is not None:
+        given, carried = (tokenizer_fingerprint(t, content_only=True) for t in (options.tokenizer, init / "tokenizer"))
+        if given != carried:
+            raise InputError(f"--tokenizer {options.tokenizer} ({given[:12]}) is not the tokenizer of --init {init} "
+                             f"({carried[:12]}); leave --tokenizer out to train with the checkpoint's own")
+    check_made_with(options.shards, tokenizer_dir, "--tokenizer" if options.tokenizer is not None else
+                    "the tokenizer of --init")
     if init is not None:
-        config = CM3Config.from_dict(json.loads((init / "config.json").read_text()))
+        config = CM3Config.from_dict(load_json(init / "config.json"))
+        check_weights(init)  # a damaged --init is named here, not inside a Ray worker (which Ray would retry)
         if config.vocab_size != vocab_size:
             raise ValueError(f"--init {init} has vocab_size {config.vocab_size} but the tokenizer "
                              f"{options.tokenizer or init / 'tokenizer'} has {vocab_size}; they must match")
@@ -321,10 +333,17 @@ def run_training(options: TrainOptions) -> TrainResult:
             checkpoint_config=CheckpointConfig(num_to_keep=options.keep),
         ),
     )
+    marker = run_dir / INPUT_ERROR_FILE
+    marker.unlink(missing_ok=True)
     print(f"training {options.stage}: {loop.total_steps} steps, {options.num_workers} worker(s) "
           f"({'GPU' if use_gpu else 'CPU'}), {loop.accumulation} micro-batch(es) of {loop.batch_size} x "
           f"{loop.sequences['seq_len']} per step; run folder {run_dir}", flush=True)
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except Exception:
+        _raise_input_error(marker)
+        raise
+    _raise_input_error(marker)
 
     with result.checkpoint.as_directory() as directory:
         model = CM3.from_pretrained(directory)
@@ -346,7 +365,7 @@ class RaySession:
     """`cm3.model.train_loop.Session` over `ray.train`: Ray hands out the checkpoint to resume from, copies
     reported checkpoints to storage and keeps the newest N; the gauges go to the Ray dashboard."""
 
-    def __init__(self, run_name: str):
+    def __init__(self, run_name: str, run_dir: str):
         import ray
         import ray.train
         import ray.train.torch
@@ -356,17 +375,25 @@ class RaySession:
         self.device = ray.train.torch.get_device()
         self.node = ray.get_runtime_context().get_node_id()
         self.run_name = run_name
+        self.run_dir = Path(run_dir)
 
     @contextlib.contextmanager
     def checkpoint(self):
+        """Ray's registered checkpoint, unless a newer complete one is on disk (`resume_from`)."""
         import ray.train
 
+        from cm3.model.train_checkpoint import resume_from
+
         checkpoint = ray.train.get_checkpoint()
-        if checkpoint is None:
+        registered = Path(checkpoint.path) if checkpoint is not None else None
+        chosen = resume_from(registered, self.run_dir)
+        if chosen is None:
             yield None
-            return
-        with checkpoint.as_directory() as directory:
-            yield Path(directory)
+        elif chosen != registered:
+            yield chosen
+        else:
+            with checkpoint.as_directory() as directory:
+                yield Path(directory)
 
     def report(self, metrics: dict, checkpoint: Optional[Path], name: str) -> None:
         import ray.train
@@ -380,8 +407,33 @@ class RaySession:
         return DashboardGauges(self.run_name)
 
 
+def _raise_input_error(marker: Path) -> None:
+    """The InputError a worker met (a damaged shard found only by reading it), raised in the driver (exit 2)."""
+    from cm3.core.intact import load_json
+
+    if marker.is_file():
+        message = load_json(marker).get("message", "bad input")
+        marker.unlink(missing_ok=True)
+        raise InputError(message)
+
+
 def ray_worker(loop_config: dict) -> None:
-    """One Ray Train worker."""
+    """One Ray Train worker. Bad input (a damaged shard) cannot succeed on a retry: the first worker to meet it
+    records it in the run folder, and the retries Ray starts (`--max-failures`) fail at once with it, before
+    loading anything."""
+    from cm3.core.files import write_json
+    from cm3.core.intact import load_json
     from cm3.model.train_loop import LoopConfig, train
 
-    train(LoopConfig(**loop_config), RaySession(loop_config["run_name"]))
+    marker = Path(loop_config["run_dir"]) / INPUT_ERROR_FILE
+    if marker.is_file():
+        raise InputError(load_json(marker).get("message", "bad input"))
+    try:
+        train(LoopConfig(**loop_config), RaySession(loop_config["run_name"], loop_config["run_dir"]))
+    except Exception as err:
+        cause: BaseException | None = err
+        while cause is not None and not isinstance(cause, InputError):
+            cause = cause.__cause__
+        if cause is not None:
+            write_json(marker, {"message": str(cause)})
+        raise

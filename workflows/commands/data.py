@@ -66,7 +66,7 @@ def ingest(
     """
     from cm3.pipeline.download import check_output_folder, run_download
     from cm3.pipeline.summary import format_summary
-    from cm3.pipeline.tokenize import check_tokenizer_folder, run_tokenize
+    from cm3.pipeline.tokenize import check_tokenizer_folder, check_tokens_out, run_tokenize
     from cm3.pipeline.url_list import open_url_list
     from cm3.workflows.ray_session import connect
 
@@ -85,6 +85,7 @@ def ingest(
         check_output_folder(out, spec, settings)
         if tokenizer is not None:
             check_tokenizer_folder(tokenizer)
+            check_tokens_out(tokens_out or out.with_name(out.name + "_tokens"))
     except InputError as err:
         fail(str(err))
     if resize_mode not in ("center_crop", "border", "keep_ratio", "keep_ratio_largest", "no"):
@@ -149,7 +150,7 @@ def tokenize(
     from cm3.workflows.ray_session import connect
 
     try:
-        check_tokenize_inputs(raw, tokenizer)
+        check_tokenize_inputs(raw, tokenizer, out)
     except InputError as err:
         fail(str(err))
     identity = clip_identity(clip, clip_model, clip_pretrained)

@@ -61,7 +61,7 @@ def build_index_command(
     try:
         retrieval = RetrievalSettings(k=k, max_similarity=max_similarity, query_dropout=query_dropout,
                                       candidates=max(INDEX.retrieval.candidates, 8 * k + 1))
-        check_build_inputs(tokens, identity, index)
+        check_build_inputs(tokens, identity, index, out)
     except (InputError, ValueError) as err:
         fail(str(err))
     settings = IndexSettings(memory_budget_bytes=parse_bytes(memory_budget), recall_target=recall_target,

@@ -50,6 +50,7 @@ def sft_convert(
     from cm3.pipeline.image_folder import ImageFolder
     from cm3.pipeline.sft_convert import convert
     from cm3.pipeline.sft_readers import DEFAULT_FORMATS, Sources, formats
+    from cm3.pipeline.tokenize import tokenizer_identity
     from cm3.tokenizers.multimodal import MultimodalTokenizer
 
     known = formats()
@@ -63,7 +64,8 @@ def sft_convert(
     try:
         multimodal = MultimodalTokenizer.load(tokenizer)
         done = convert(name, known[name], task, Sources(source, annotations, splits, split),
-                       ImageFolder(images, image_pattern), multimodal, out, shard_rows, seed)
+                       ImageFolder(images, image_pattern), multimodal, out, shard_rows, seed,
+                       tokenizer_identity=tokenizer_identity(tokenizer))
     except (ValueError, FileNotFoundError) as err:
         fail(str(err))
     typer.echo(f"{out}: {len(done.written)} task shard(s) written, {done.rows} {task} rows; {done.skips.summary()}")
@@ -83,12 +85,14 @@ def sft_demo(
       cm3 sft demo --tokenizer runs/demo/tokenizer --out runs/demo/sft --n 500
     """
     from cm3.pipeline.sft_tasks import write_task_shards
+    from cm3.pipeline.tokenize import tokenizer_identity
     from cm3.synthetic.sft_tasks import demo_tasks
     from cm3.tokenizers.multimodal import MultimodalTokenizer
 
     try:
         multimodal = MultimodalTokenizer.load(tokenizer)
+        written = write_task_shards(demo_tasks(multimodal, n, seed), out, multimodal.tokens_per_image, shard_rows,
+                                    tokenizer_identity(tokenizer))
     except (ValueError, FileNotFoundError) as err:
         fail(str(err))
-    written = write_task_shards(demo_tasks(multimodal, n, seed), out, multimodal.tokens_per_image, shard_rows)
     typer.echo(f"{out}: {len(written)} task shard(s) written ({7 * n} rows)")

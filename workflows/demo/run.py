@@ -258,6 +258,7 @@ def train_stage(workdir: Path, stage: str, shards: Path, size: DemoSize, tokeniz
 
 def sft_data_stage(workdir: Path, tokenizer_dir: Path, size: DemoSize) -> Path:
     from cm3.pipeline.sft_tasks import write_task_shards
+    from cm3.pipeline.tokenize import tokenizer_identity
     from cm3.synthetic.sft_tasks import demo_tasks
     from cm3.tokenizers.multimodal import MultimodalTokenizer
 
@@ -265,7 +266,7 @@ def sft_data_stage(workdir: Path, tokenizer_dir: Path, size: DemoSize) -> Path:
     if not _done(folder):
         tokenizer = MultimodalTokenizer.load(tokenizer_dir)
         tasks = demo_tasks(tokenizer, size.sft_images, seed=size.data_seed("sft"))
-        write_task_shards(tasks, folder, tokenizer.tokens_per_image, 500)
+        write_task_shards(tasks, folder, tokenizer.tokens_per_image, 500, tokenizer_identity(tokenizer_dir))
         _mark_done(folder, {"images": size.sft_images})
     return folder
 
