@@ -17,6 +17,7 @@ import os
 import shutil
 import socket
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -39,6 +40,7 @@ from cm3.model.train_step import TokenKinds, build_optimizer, learning_rate, tra
 from cm3.tokenizers.vocabulary import vocabulary_from_dict
 
 FAILED_ONCE = ".failed_once"  # the fail_at_step test hook's marker: a run folder fails once
+PAUSED = ".paused"  # the pause_at_step test hook's marker: rank 0 waits here, once per run folder, until killed
 
 
 @dataclass
@@ -68,6 +70,7 @@ class LoopConfig:
     profile_steps: int = 0
     prefetch: int = 2
     fail_at_step: Optional[int] = None  # test hook: rank 0 exits at this step, once per run folder
+    pause_at_step: Optional[int] = None  # test hook: rank 0 stops at this step until killed, once per run folder
 
 
 class Session(Protocol):
@@ -159,6 +162,9 @@ def train(config: LoopConfig, session: Session) -> None:
                 if config.fail_at_step == step and rank == 0 and not (run_dir / FAILED_ONCE).exists():
                     (run_dir / FAILED_ONCE).touch()
                     os._exit(1)  # the test hook: a worker process dying mid-run
+                if config.pause_at_step == step and rank == 0 and not (run_dir / PAUSED).exists():
+                    (run_dir / PAUSED).touch()  # the test hook: a run to kill at a known step
+                    threading.Event().wait()
                 started = time.perf_counter()
                 data = producer.next(device)
                 lr = learning_rate(step, model_config, config.total_steps)

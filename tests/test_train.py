@@ -17,7 +17,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from cm3.model.train_loop import PAUSED
 from cm3.model.train_metrics import read_metrics
+from cm3.workflows.train import PAUSE_AT_STEP_ENV
 from conftest import BIN
 from factories import TRAIN_CAPTIONS, TRAIN_VQ, make_tokenizer, write_augmented_shards, write_sft_shards
 
@@ -169,14 +171,14 @@ def test_a_sigkilled_run_resumes_bit_identically(tmp_path, tokenizer_dir, vocab)
     command = train_command(shards, tokenizer_dir, storage, "--steps", "24", "--checkpoint-every", "10",
                             "--cpus-per-worker", "0.5", "--log-every", "10")
     env = {**os.environ, **RAY_ENV}
-    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    # the first run stops before step 13 (two steps past the checkpoint of step 10; the next is 8 steps away), and
+    # is killed once Ray has committed that checkpoint (the snapshot); the second run does not stop there
+    proc = subprocess.Popen(command, env={**env, PAUSE_AT_STEP_ENV: "12"}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
     run_dir = storage / "run"
     deadline = time.time() + 240
-    # the snapshot is written once Ray has committed a checkpoint; then wait for two more steps (the next
-    # checkpoint is 8 steps away)
     while not ((run_dir / "checkpoint_manager_snapshot.json").exists()
-               and len(read_metrics(run_dir / "metrics.jsonl")) >= 12) and time.time() < deadline:
+               and (run_dir / PAUSED).exists()) and time.time() < deadline:
         assert proc.poll() is None, "the run ended before its first checkpoint"
         time.sleep(0.2)
     os.kill(proc.pid, signal.SIGKILL)

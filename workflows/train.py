@@ -35,6 +35,7 @@ FINAL_DIR = "final"
 LOSS_CURVE = "loss_curve.png"
 INPUT_ERROR_FILE = "input_error.json"  # a worker's InputError (a damaged shard), for its retries and the driver
 FAIL_AT_STEP_ENV = "CM3_TRAIN_FAIL_AT_STEP"  # test hook: rank 0 exits at this step, once per run folder
+PAUSE_AT_STEP_ENV = "CM3_TRAIN_PAUSE_AT_STEP"  # test hook: rank 0 stops at this step until killed, once per folder
 
 
 @dataclass
@@ -275,7 +276,7 @@ def plan_run(options: TrainOptions):
         raise ValueError(f"--seq-len {seq_len} exceeds the model's max_seq_len {config.max_seq_len}")
     sequences = SequenceConfig(seq_len=seq_len, retrieved_min=options.retrieved_min,
                                retrieved_max=options.retrieved_max, image_first=options.image_first, cm3=options.cm3)
-    fail_at = os.environ.get(FAIL_AT_STEP_ENV)
+    fail_at, pause_at = os.environ.get(FAIL_AT_STEP_ENV), os.environ.get(PAUSE_AT_STEP_ENV)
     loop = LoopConfig(
         model=config.to_dict(), vocab=tokenizer.vocab.to_dict(), sequences=asdict(sequences),
         units=[asdict(u) for u in shard_units([str(p) for p in paths], options.num_workers)], columns=columns,
@@ -287,6 +288,7 @@ def plan_run(options: TrainOptions):
         threads=options.threads_per_worker,
         checkpoint_every=options.checkpoint_every, log_every=options.log_every, profile_steps=options.profile,
         prefetch=options.prefetch, fail_at_step=int(fail_at) if fail_at else None,
+        pause_at_step=int(pause_at) if pause_at else None,
     )
     return loop, tokenizer
 
