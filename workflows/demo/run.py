@@ -271,16 +271,9 @@ def sft_data_stage(workdir: Path, tokenizer_dir: Path, size: DemoSize) -> Path:
     return folder
 
 
-# name -> (retrieved documents or None for the run's, CFG scale or None for the run's, method): the paper's
-# ablations in miniature; "retrieval" draws with K=2 when the run draws with none, and with none otherwise
-ABLATIONS = {"retrieval": ("other", None, "top_p"), "no_guidance": (None, 1.0, "top_p"), "cd_k": (None, None, "cd_k")}
-
-
-def ablation_retrieved(setting, size: DemoSize) -> int:
-    """The documents an ablation retrieves: the run's count, or for "other" K=2 against the run's K=0 and back."""
-    if setting == "other":
-        return 0 if size.retrieved else 2
-    return size.retrieved if setting is None else setting
+# name -> (whether it swaps the retrieved documents, CFG scale or None for the run's, method): the paper's ablations
+# in miniature; the swap draws with K=2 when the run draws with none, and with none otherwise
+ABLATIONS = {"retrieval": (True, None, "top_p"), "no_guidance": (False, 1.0, "top_p"), "cd_k": (False, None, "cd_k")}
 
 
 def evaluate_stage(workdir: Path, checkpoint: Path, index: Path, augmented: Path, tokens: Path,
@@ -315,8 +308,8 @@ def evaluate_stage(workdir: Path, checkpoint: Path, index: Path, augmented: Path
     text_to_image = {name: _image_figures(evaluate.image_accuracy(images, asked(groups[name])))
                      for name, images in generated.items()}
     ablations = {}
-    for variant, (ablation, (setting, guidance, method)) in enumerate(ABLATIONS.items(), start=1):
-        retrieved = ablation_retrieved(setting, size)
+    for variant, (ablation, (swap_retrieval, guidance, method)) in enumerate(ABLATIONS.items(), start=1):
+        retrieved = (0 if size.retrieved else 2) if swap_retrieval else size.retrieved
         ablations[ablation] = {"retrieved": retrieved, "guidance": guidance or size.guidance, "method": method}
         for name, specs in groups.items():
             images = draw(specs, retrieved, guidance or size.guidance, method, variant)
