@@ -30,6 +30,22 @@ def parquet_metadata(path: PathLike):
         raise InputError(f"{path}: unreadable Parquet file, truncated or damaged ({err})") from err
 
 
+def parquet_pages(path: PathLike, columns: list[str] | None = None) -> None:
+    """Read every row group of a file (its data pages, not only the footer): InputError naming the file and the
+    row group that fails. Costs a full read, so callers use it to explain a failure, not before every job."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    metadata = parquet_metadata(path)
+    file = pq.ParquetFile(path)
+    for group in range(metadata.num_row_groups):
+        try:
+            file.read_row_group(group, columns=columns)
+        except (OSError, pa.ArrowException) as err:
+            reason = " ".join(str(err).split())  # arrow's message spans lines; the error stays one
+            raise InputError(f"{path}: row group {group} cannot be read, the file is damaged ({reason})") from err
+
+
 def safetensors_header(path: PathLike) -> dict:
     """The header of a safetensors file, after checking that its tensors' offsets cover the file exactly (a
     truncated file, or one with bytes appended, is refused)."""

@@ -16,9 +16,13 @@ from pathlib import Path
 
 import torch
 
+from cm3.core.errors import InputError
 from cm3.core.files import atomic_folder
-from cm3.model.decoder import CM3, TOKENIZER_DIR
-from cm3.tokenizers.multimodal import MultimodalTokenizer
+from cm3.core.intact import load_json, safetensors_header
+from cm3.model.config import CM3Config
+from cm3.model.decoder import CM3, CONFIG_NAME, TOKENIZER_DIR, check_weights
+from cm3.tokenizers import vqgan
+from cm3.tokenizers.multimodal import TEXT_FILE, VOCAB_FILE, VQ_DIR, MultimodalTokenizer
 
 MARKER = "checkpoint.json"
 
@@ -35,6 +39,27 @@ def save_checkpoint(directory: str | os.PathLike, model: CM3, tokenizer: Multimo
         tokenizer.save(staging / TOKENIZER_DIR)
         (staging / MARKER).write_text(json.dumps({"format_version": 1, **(info or {})}, indent=2) + "\n")
     return target
+
+
+def check_checkpoint(directory: str | os.PathLike) -> Path:
+    """Check that a folder is a whole checkpoint without loading its weights (JSON files parse, safetensors
+    headers cover their files): InputError naming the damaged file. A server or a Ray job calls it in the driver,
+    where the error reaches the user, instead of in a replica or worker that Ray would restart."""
+    root = Path(directory)
+    if not (root / MARKER).is_file():
+        raise InputError(f"{root}: not a cm3 checkpoint ({MARKER} is missing)")
+    load_json(root / MARKER)
+    try:
+        CM3Config.from_dict(load_json(root / CONFIG_NAME))
+    except (TypeError, ValueError) as err:
+        raise InputError(f"{root / CONFIG_NAME}: not a cm3 decoder config ({err})") from err
+    check_weights(root)
+    tokenizer = root / TOKENIZER_DIR
+    load_json(tokenizer / VOCAB_FILE)
+    load_json(tokenizer / TEXT_FILE)
+    load_json(tokenizer / VQ_DIR / vqgan.CONFIG_NAME)
+    safetensors_header(tokenizer / VQ_DIR / vqgan.WEIGHTS_NAME)
+    return root
 
 
 def load_checkpoint(directory: str | os.PathLike, device: str | torch.device = "cpu",

@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from cm3.core.errors import InputError
 from cm3.core.files import write_json
-from cm3.core.intact import load_json, parquet_metadata
+from cm3.core.intact import load_json, parquet_metadata, parquet_pages
 from cm3.core.shards import clear_staging, complete_shards, foreign_output, parquet_path, read_stats
 from cm3.pipeline.shard_assembler import ShardAssembler
 
@@ -317,10 +317,16 @@ def run_tokenize(raw_dir: Path, tokens_dir: Path, tokenizer_dir: Path, *, clip: 
             num_gpus=1 if gpus >= 1 else 0,
             num_cpus=settings.cpus_per_encoder,
         )
-        with tqdm(total=sum(expected[s] for s in pending), desc="tokenize", unit="img", disable=not progress,
-                  dynamic_ncols=True) as bar:
-            for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
-                bar.update(assembler.add(batch))
+        try:
+            with tqdm(total=sum(expected[s] for s in pending), desc="tokenize", unit="img", disable=not progress,
+                      dynamic_ncols=True) as bar:
+                for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
+                    bar.update(assembler.add(batch))
+        except Exception:
+            clear_staging(tokens_dir)  # complete shards stay for a re-run; no half-written one does
+            for shard_id in assembler.missing():  # a damaged page behind an intact footer: name its file
+                parquet_pages(parquet_path(raw_dir, shard_id), columns=RAW_COLUMNS)
+            raise
     clear_staging(tokens_dir)
     if assembler.missing():
         raise RuntimeError(f"tokenize: shards {assembler.missing()} did not receive all their rows; run again")

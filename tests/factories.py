@@ -155,3 +155,14 @@ def save_tiny_checkpoint(folder: Path, tokenizer_dir: Path) -> Path:
                                    max_seq_len=256)
     save_checkpoint(folder, CM3(config), tokenizer, {"stage": "test"})
     return folder
+
+
+def damage_a_page_header(path: Path, column: str) -> None:
+    """Overwrite the header of ``column``'s first data page: the footer still reads, the page does not."""
+    metadata = pq.ParquetFile(path).metadata
+    names = [metadata.row_group(0).column(c).path_in_schema for c in range(metadata.num_columns)]
+    index = next(i for i, name in enumerate(names) if name == column or name.startswith(f"{column}."))
+    start = metadata.row_group(0).column(index).data_page_offset
+    data = bytearray(path.read_bytes())
+    data[start:start + 16] = bytes(b ^ 0xFF for b in data[start:start + 16])
+    path.write_bytes(bytes(data))

@@ -15,9 +15,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from cm3.core.errors import InputError
-from conftest import cm3
-from factories import (TRAIN_CAPTIONS, TRAIN_VQ, make_tokenizer, save_tiny_checkpoint, write_augmented_shards,
-                       write_raw_shards, write_token_shards)
+from conftest import cm3, free_port
+from factories import (TRAIN_CAPTIONS, TRAIN_VQ, damage_a_page_header, make_tokenizer, save_tiny_checkpoint,
+                       write_augmented_shards, write_raw_shards, write_token_shards)
 
 
 def tree_hash(*folders: Path) -> str:
@@ -208,6 +208,23 @@ def test_tokenize_names_a_truncated_raw_shard(tmp_path, tokenizers):
     assert tree_hash(raw) == before and not (tmp_path / "tokens").exists()
 
 
+def test_tokenize_names_a_raw_shard_with_a_damaged_page_behind_an_intact_footer(tmp_path, tokenizers):
+    """The driver's footer check passes; the read in a Ray Data worker fails. The error names the file and
+    nothing half-written stays."""
+    raw, tokens = tmp_path / "raw", tmp_path / "tokens"
+    write_raw_shards(raw, shards=2, rows=2)
+    damage_a_page_header(raw / "00001.parquet", "jpg")
+    assert pq.ParquetFile(raw / "00001.parquet").metadata.num_rows == 2  # the footer is whole
+    before = tree_hash(raw)
+    proc = cm3("tokenize", str(raw), "--out", str(tokens), "--tokenizer", str(tokenizers[0]), "--no-progress")
+    # Ray's own log shows the read task's traceback above it; the command's last word is the error naming the file
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 2 and last.startswith(f"error: {raw / '00001.parquet'}: row group 0 cannot be read"), \
+        proc.stderr
+    assert tree_hash(raw) == before
+    assert not (tokens / "00001.parquet").exists() and not list(tokens.glob("**/*.partial*"))
+
+
 def test_build_index_names_a_truncated_token_shard_and_writes_nothing(tmp_path, tokenizers):
     clip = {"model_name": "cm3-clip-tiny", "pretrained": str(tmp_path / "clip.safetensors")}
     tokens = write_token_shards(tmp_path / "tokens", tokenizers[0], clip=clip)
@@ -227,7 +244,7 @@ DAMAGE = {  # file of a checkpoint -> (damage, what the message says)
 
 
 @pytest.mark.parametrize("name", DAMAGE)
-def test_generate_and_train_init_name_a_damaged_checkpoint_file(tmp_path, tokenizers, checkpoint, name):
+def test_generate_serve_and_train_init_name_a_damaged_checkpoint_file(tmp_path, tokenizers, checkpoint, name):
     import shutil
 
     shards = write_token_shards(tmp_path / "tokens", tokenizers[0])
@@ -237,6 +254,9 @@ def test_generate_and_train_init_name_a_damaged_checkpoint_file(tmp_path, tokeni
     damage(broken / name)
     before = tree_hash(broken, shards)
     proc = cm3("generate", "a red circle", "--checkpoint", str(broken), "--out", str(tmp_path / "out.png"))
+    assert failed(proc, str(broken / name), message), proc.stderr
+    # refused in the driver, before Ray starts: a replica that failed to load would be restarted by Ray Serve
+    proc = cm3("serve", str(broken), "--port", str(free_port()), timeout=120)
     assert failed(proc, str(broken / name), message), proc.stderr
     proc = cm3("train", "--stage", "pretrain", "--shards", str(shards), "--init", str(broken), "--storage",
                str(tmp_path / "runs"), "--retrieved-max", "0", "--retrieved-min", "0", "--steps", "1")

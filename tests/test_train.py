@@ -21,7 +21,8 @@ from cm3.model.train_loop import PAUSED
 from cm3.model.train_metrics import read_metrics
 from cm3.workflows.train import PAUSE_AT_STEP_ENV
 from conftest import BIN
-from factories import TRAIN_CAPTIONS, TRAIN_VQ, make_tokenizer, write_augmented_shards, write_sft_shards
+from factories import (TRAIN_CAPTIONS, TRAIN_VQ, damage_a_page_header, make_tokenizer, write_augmented_shards,
+                       write_sft_shards)
 
 pytestmark = pytest.mark.slow
 TINY = {"n_layers": 2, "d_model": 64, "n_heads": 2}
@@ -310,16 +311,6 @@ def test_chameleon_sft_with_the_image_head_only(tmp_path, ray_local):
     assert torch.equal(tuned.lm_head.weight[text], init.lm_head.weight[text])
     assert not torch.equal(tuned.lm_head.weight[image], init.lm_head.weight[image])
     assert torch.equal(tuned.blocks[1].mlp.up.weight, init.blocks[1].mlp.up.weight)
-
-
-def damage_a_page_header(path: Path, column: str) -> None:
-    """Overwrite the header of ``column``'s first data page: the footer still reads, the page does not."""
-    metadata = pq.ParquetFile(path).metadata
-    names = [metadata.row_group(0).column(c).path_in_schema for c in range(metadata.num_columns)]
-    start = metadata.row_group(0).column(names.index(f"{column}.list.element")).data_page_offset
-    data = bytearray(path.read_bytes())
-    data[start:start + 16] = bytes(b ^ 0xFF for b in data[start:start + 16])
-    path.write_bytes(bytes(data))
 
 
 def test_a_damaged_page_behind_an_intact_footer_is_named_and_not_retried(tmp_path, tokenizer_dir, vocab, ray_local):

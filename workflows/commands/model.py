@@ -212,11 +212,14 @@ def serve_command(
     import signal
     import threading
 
-    from cm3.model.checkpoint import MARKER
+    from cm3.core.errors import InputError
+    from cm3.model.checkpoint import check_checkpoint
     from cm3.workflows.serve import run
 
-    if not (checkpoint / MARKER).is_file():
-        fail(f"{checkpoint}: not a cm3 checkpoint ({MARKER} is missing)")
+    try:
+        check_checkpoint(checkpoint)  # a damaged file is named here, not in a replica that Ray Serve restarts
+    except InputError as err:
+        fail(str(err))
     if device not in ("auto", "cpu") and not device.startswith("cuda"):
         fail(f"--device {device!r}: expected auto, cpu or cuda")
     if index is not None and not index.is_dir():
