@@ -7,7 +7,8 @@ from cm3.core.exports import lazy_exports
 
 _EXPORTS = {  # public name -> the module that defines it
     "CM3": "decoder", "KVCache": "decoder", "CM3Config": "config", "load_checkpoint": "checkpoint",
-    "save_checkpoint": "checkpoint", "SamplingConfig": "sampling_options", "text_to_image": "generation",
+    "save_checkpoint": "checkpoint", "load_tokenizer_and_config": "checkpoint",
+    "SamplingConfig": "sampling_options", "text_to_image": "generation",
     "caption_image": "generation", "generate_image_tokens": "generation", "generate_text": "generation",
     "rerank_by_clip": "generation", "ImageEngine": "engine", "convert_chameleon": "chameleon",
 }

@@ -328,3 +328,22 @@ def test_image_call_uses_the_checkpoints_tokenizer(tmp_path):
                                  for row, image in zip(caption, tokenizer.encode_image(images).tolist())])
         assert torch.equal(logits, model(expected))
     assert logits.shape == (2, 3 + 1 + tokenizer.tokens_per_image, tokenizer.vocab.size)
+
+
+def test_tokenizer_and_config_load_without_the_weights(tmp_path):
+    """What `cm3 serve`'s ingress loads: the checkpoint's own config and tokenizer, even with no weights file."""
+    from factories import TINY_F32, captions, make_tokenizer
+
+    from cm3.model.checkpoint import load_checkpoint, load_tokenizer_and_config, save_checkpoint
+
+    tokenizer = make_tokenizer(tmp_path / "tok", TINY_F32, captions())
+    config = CM3Config.from_preset("tiny", vocab_size=tokenizer.vocab.size, n_layers=1, d_model=32, n_heads=2)
+    save_checkpoint(tmp_path / "ckpt", CM3(config), tokenizer)
+    model, full = load_checkpoint(tmp_path / "ckpt")
+    (tmp_path / "ckpt" / "model.safetensors").unlink()
+    loaded_config, loaded = load_tokenizer_and_config(tmp_path / "ckpt")
+    assert loaded_config == model.config
+    assert loaded.vocab.size == full.vocab.size and loaded.tokens_per_image == full.tokens_per_image
+    assert loaded.encode_caption("a red circle") == full.encode_caption("a red circle")
+    with pytest.raises(FileNotFoundError, match="not a cm3 checkpoint"):
+        load_tokenizer_and_config(tmp_path / "tok")
