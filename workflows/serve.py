@@ -4,10 +4,13 @@
     POST /caption   {"image": base64 PNG/JPEG, "question"?}                                    -> {"caption"}
     GET  /health    200 once the model is loaded
 
-One deployment (FastAPI ingress). Requests are validated in the replica before they queue for the model, so a
-bad one costs no decoding and gets a 4xx naming its field; good ones are batched by `@serve.batch`, counted in
-images (a request of n images takes n of the engine's rows), up to `max_batch_images` or `batch_wait_ms`.
-Back-pressure: each replica takes `max_ongoing_requests` at a time and Serve queues at most
+Two deployments: `CM3` is the FastAPI ingress, `CM3Model` holds the weights and the decode engine. The ingress
+validates a request before it queues for the model, so a bad one costs no decoding and gets a 4xx naming its
+field; good ones are batched by `ModelBatcher`, counted in images (a request of n images takes n of the engine's
+rows), up to `max_batch_images` or `batch_wait_ms`, and the next batch forms when the model is free (see
+serve_batcher.py for why not `@serve.batch`). The model replica receives one call per batch and returns uint8
+pixels; PNG encoding and everything else per request stays out of its process.
+Back-pressure: each ingress replica takes `max_ongoing_requests` at a time and Serve queues at most
 `max_queued_requests` more, then answers 503; bodies over `max_body_bytes` get 413 before they are read whole.
 """
 
@@ -30,10 +33,12 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ray import serve
 
+from cm3.workflows.serve_batcher import ModelBatcher
 from cm3.workflows.serve_options import ServeOptions
 
 APP_NAME = "cm3"
 MAX_CAPTION_TOKENS = 32
+CD_K = 5  # the paper's contrastive decoding K, for every request
 
 
 class RequestError(Exception):
@@ -119,10 +124,12 @@ def decode_image_field(text: str, size: int):
 
 
 def png_base64(image) -> str:
-    from cm3.core.images import to_pil
+    """A uint8 tensor [3, H, W] as a base64 PNG."""
+    from PIL import Image
 
     buffer = io.BytesIO()
-    to_pil(image).save(buffer, format="PNG")
+    picture = Image.fromarray(image.permute(1, 2, 0).numpy(), "RGB")
+    picture.save(buffer, format="PNG", compress_level=1)  # 0.6x the time of the default level, 1.1x the bytes
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
@@ -134,55 +141,94 @@ class _Job:
     n: int
 
 
-http = FastAPI(title="cm3", docs_url=None, redoc_url=None, openapi_url=None)
-
-
-def _images_in(jobs: list[_Job]) -> int:
-    return sum(job.n for job in jobs)
+def _images_in_job(job: _Job) -> int:
+    return job.n
 
 
 def _error(err: RequestError) -> JSONResponse:
-    # defined before the deployment class: Serve pickles the class with the globals it sees at decoration time
+    # defined before the deployment classes: Serve pickles a class with the globals it sees at decoration time
     return JSONResponse({"error": str(err), "field": err.field}, status_code=err.status)
 
 
-@serve.deployment(name="CM3")
-@serve.ingress(http)
-class CM3Service:
-    """One replica: the checkpoint, its decode engine, and the HTTP routes."""
+@serve.deployment(name="CM3Model")
+class ImageModel:
+    """One model replica: the checkpoint on its device and its decode engine. It runs whole batches, formed by
+    the HTTP ingress, so that no per-request Python shares this process (and its GIL) with the decode loop."""
 
     def __init__(self, options: dict):
         import torch
 
         from cm3.model.checkpoint import load_checkpoint
-        from cm3.model.engine import ImageEngine, quantize_int8
-        from cm3.model.generation import unconditional_prompt
+        from cm3.model.engine import ImageEngine, ImageSample, quantize_int8
+        from cm3.model.generation import text_to_image_prompt, unconditional_prompt
+        from cm3.model.sampling import SamplingConfig
 
-        self.options = ServeOptions(**options)
-        device = self.options.device
+        options = ServeOptions(**options)
+        device = options.device
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         dtype = torch.bfloat16 if device.startswith("cuda") else None
-        self.model, self.tokenizer = load_checkpoint(self.options.checkpoint, device=device, dtype=dtype)
-        if self.options.int8:
+        if device == "cpu":
+            torch.set_num_threads(options.cpus_per_replica)
+        self.model, self.tokenizer = load_checkpoint(options.checkpoint, device=device, dtype=dtype)
+        if options.int8:
             quantize_int8(self.model)
-        compile = device.startswith("cuda") if self.options.compile is None else self.options.compile
+        compile = device.startswith("cuda") if options.compile is None else options.compile
         self.engine = ImageEngine(self.model, self.tokenizer.vocab, unconditional_prompt(self.tokenizer.vocab),
-                                  self.tokenizer.tokens_per_image, self.options.max_batch_images, compile=compile)
+                                  self.tokenizer.tokens_per_image, options.max_batch_images, compile=compile,
+                                  cd_k=CD_K)
+        self.lock = threading.Lock()  # one batch on the model at a time (CUDA graph capture needs that)
+        warm_up = ImageSample(tuple(text_to_image_prompt(self.tokenizer, "warm up")), SamplingConfig(seed=0), 0)
+        self.generate([[warm_up]])  # compile / capture before the replica reports healthy
+
+    def describe(self) -> dict:
+        return {"device": str(self.engine.device), "max_batch_images": self.engine.rows}
+
+    def generate(self, rows: list) -> list:
+        """uint8 images [n, 3, H, W] per request: one engine call for the whole batch, one VQ decode."""
+        from cm3.core.images import to_uint8
+
+        with self.lock:
+            ids = self.engine.generate([sample for samples in rows for sample in samples])
+            images = to_uint8(self.tokenizer.decode_image(ids.cpu()).float().cpu())
+        return list(images.split([len(samples) for samples in rows]))
+
+    def caption(self, image, question: str | None, max_new_tokens: int) -> str:
+        from cm3.model.generation import caption_image
+
+        with self.lock:
+            return caption_image(self.model, self.tokenizer, image.to(self.engine.device), question=question,
+                                 max_new_tokens=max_new_tokens)[0]
+
+
+http = FastAPI(title="cm3", docs_url=None, redoc_url=None, openapi_url=None)
+
+
+@serve.deployment(name="CM3")
+@serve.ingress(http)
+class CM3Service:
+    """The HTTP routes of one replica: validation, tokenization and retrieval, batching, PNG encoding. The
+    weights live in `ImageModel`; this process holds the tokenizer and the decoder's config only."""
+
+    def __init__(self, options: dict, model):
+        from cm3.model.checkpoint import load_tokenizer_and_config
+
+        self.options = ServeOptions(**options)
+        self.model = model  # a DeploymentHandle to ImageModel
+        self.config, self.tokenizer = load_tokenizer_and_config(self.options.checkpoint)
+        self.rows, self.tokens = self.options.max_batch_images, self.tokenizer.tokens_per_image
         self.retriever = None
         if self.options.index:
             from cm3.index.query import Retriever
 
             self.retriever = Retriever(self.options.index)
-        self.model_lock = threading.Lock()  # one batch on the model at a time (CUDA graph capture needs that)
-        self.generate_batch.set_max_batch_size(self.options.max_batch_images)
-        self.generate_batch.set_batch_wait_timeout_s(self.options.batch_wait_ms / 1000)
-        self._run_jobs([self._job(GenerateRequest(prompt="warm up", seed=0))])  # compile / capture before serving
+        self.batcher = ModelBatcher(self._generate_batch, self.rows, self.options.batch_wait_ms / 1000,
+                                    size_of=_images_in_job)
 
     @http.get("/health")
     async def health(self) -> dict:
-        return {"status": "ok", "checkpoint": self.options.checkpoint, "device": str(self.engine.device),
-                "max_batch_images": self.engine.rows}
+        model = await self.model.describe.remote()
+        return {"status": "ok", "checkpoint": self.options.checkpoint, **model}
 
     @http.post("/generate")
     async def generate(self, request: Request) -> JSONResponse:
@@ -191,7 +237,7 @@ class CM3Service:
             job = self._job(parse(GenerateRequest, await read_body(request, self.options.max_body_bytes)))
         except RequestError as err:
             return _error(err)
-        images = await self.generate_batch(job)
+        images = await self.batcher.submit(job)
         pngs = await asyncio.to_thread(lambda: [png_base64(image) for image in images])
         return JSONResponse({"images": pngs, "seconds": time.perf_counter() - started})
 
@@ -201,18 +247,17 @@ class CM3Service:
             body = parse(CaptionRequest, await read_body(request, self.options.max_body_bytes))
             image = decode_image_field(body.image, self.tokenizer.vq.config.resolution)
             question = len(self.tokenizer.encode_caption(body.question)) if body.question else 0
-            room = self.model.config.max_seq_len - (self.tokenizer.tokens_per_image + 2 + question)
+            room = self.config.max_seq_len - (self.tokens + 2 + question)
             if room < 1:
                 raise RequestError(422, "question", f"takes {question} tokens; the context leaves room for "
                                                     f"{question + room - 1}")
         except RequestError as err:
             return _error(err)
-        caption = await asyncio.to_thread(self._caption, image, body.question, min(MAX_CAPTION_TOKENS, room))
+        caption = await self.model.caption.remote(image, body.question, min(MAX_CAPTION_TOKENS, room))
         return JSONResponse({"caption": caption})
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.02, batch_size_fn=_images_in)
-    async def generate_batch(self, jobs: list[_Job]) -> list:
-        return await asyncio.to_thread(self._run_jobs, jobs)
+    async def _generate_batch(self, jobs: list[_Job]) -> list:
+        return await self.model.generate.remote([job.samples for job in jobs])
 
     def _job(self, request: GenerateRequest) -> _Job:
         """Engine rows for a request, or RequestError naming the field that cannot be served."""
@@ -220,9 +265,8 @@ class CM3Service:
         from cm3.model.generation import seeded, text_to_image_prompt
         from cm3.model.sampling import SamplingConfig
 
-        limit = self.engine.rows
-        if not 1 <= request.n <= limit:
-            raise RequestError(422, "n", f"must be between 1 and {limit} (this server's max_batch_images)")
+        if not 1 <= request.n <= self.rows:
+            raise RequestError(422, "n", f"must be between 1 and {self.rows} (this server's max_batch_images)")
         if request.retrieved and self.retriever is None:
             raise RequestError(422, "retrieved", "this server has no index (start it with --index)")
         if request.retrieved > self.options.max_retrieved:
@@ -230,44 +274,37 @@ class CM3Service:
         tokenizer = self.tokenizer
         docs = self.retriever.for_text(request.prompt, request.retrieved) if request.retrieved else []
         prompt = tuple(text_to_image_prompt(tokenizer, request.prompt, docs))
-        room = self.engine.max_prompt_len()
+        room = self.config.max_seq_len - self.tokens + 1  # the engine's max_prompt_len()
         if len(prompt) > room:
             without_docs = len(text_to_image_prompt(tokenizer, request.prompt))
             field = "retrieved" if request.retrieved and without_docs <= room else "prompt"
             raise RequestError(422, field, f"the prompt takes {len(prompt)} tokens, the context leaves room for "
-                                           f"{room} before the {self.engine.tokens} image tokens")
+                                           f"{room} before the {self.tokens} image tokens")
         method = "top_p" if request.method == "mix" else request.method
         sampling = seeded(SamplingConfig(temperature=request.temperature, guidance_scale=request.guidance,
-                                         method=method, seed=request.seed, cd_k=self.engine.cd_k))
+                                         method=method, seed=request.seed, cd_k=CD_K))
         mix = ["top_p"] * (request.n - request.n // 2) + ["cd_k"] * (request.n // 2)
         samples = [ImageSample(prompt, sampling, i, mix[i] if request.method == "mix" else None)
                    for i in range(request.n)]
         return _Job(samples, request.n)
 
-    def _run_jobs(self, jobs: list[_Job]) -> list:
-        """Images float [n, 3, H, W] per job: one engine call for the whole batch, one VQ decode."""
-        rows = [sample for job in jobs for sample in job.samples]
-        with self.model_lock:
-            ids = self.engine.generate(rows)
-            images = self.tokenizer.decode_image(ids.cpu()).cpu()
-        return list(images.split([job.n for job in jobs]))
-
-    def _caption(self, image, question: str | None, max_new_tokens: int) -> str:
-        from cm3.model.generation import caption_image
-
-        with self.model_lock:
-            return caption_image(self.model, self.tokenizer, image.to(self.engine.device), question=question,
-                                 max_new_tokens=max_new_tokens)[0]
-
 
 def build_app(options: ServeOptions, gpus_per_replica: float):
-    """The bound application: replicas, their resources and the back-pressure limits."""
+    """The bound application: `replicas` ingress replicas (no reserved CPU) in front of as many model replicas,
+    their resources and the back-pressure limits (on the ingress, where requests arrive)."""
+    model = ImageModel.options(
+        name="CM3Model",
+        num_replicas=options.replicas,
+        max_ongoing_requests=2,  # a batch decoding and a caption or the next batch waiting for the lock
+        ray_actor_options={"num_gpus": gpus_per_replica,
+                           "num_cpus": 0 if gpus_per_replica else options.cpus_per_replica},
+    ).bind(asdict(options))
     return CM3Service.options(
         num_replicas=options.replicas,
         max_ongoing_requests=2 * options.max_batch_images + 4,  # a full batch decoding, the next one filling
         max_queued_requests=options.max_queued_requests,
-        ray_actor_options={"num_gpus": gpus_per_replica, "num_cpus": 0 if gpus_per_replica else 1},
-    ).bind(asdict(options))
+        ray_actor_options={"num_cpus": 0},
+    ).bind(asdict(options), model)
 
 
 def run(options: ServeOptions, stop: threading.Event, ready=None, on_connect=None) -> None:

@@ -15,6 +15,7 @@ class ServeOptions:
     port: int = 8000
     ray_address: str | None = None
     replicas: int = 1
+    cpus_per_replica: int = 1  # CPU replicas: Ray's num_cpus and torch's threads (Ray would give them one thread)
     device: str = "auto"  # auto: a GPU per replica when the cluster has GPUs, else the CPU
     compile: bool | None = None  # None: compile the decode step on CUDA only (it costs minutes of warm-up)
     int8: bool = False

@@ -189,6 +189,8 @@ def serve_command(
                                                          "starting a local one."),
     replicas: int = typer.Option(SERVE.replicas, min=1, help="Model replicas (one GPU each when the cluster has GPUs)."),
     device: str = typer.Option(SERVE.device, help="auto (GPU when the cluster has one), cpu or cuda."),
+    cpus_per_replica: int = typer.Option(SERVE.cpus_per_replica, min=1,
+                                         help="CPU replicas: the CPUs each reserves in Ray and its torch threads."),
     compile: Optional[bool] = typer.Option(None, "--compile/--no-compile",
                                            help="Compile the decode step (default: on CUDA only)."),
     int8: bool = typer.Option(SERVE.int8, "--int8", help="int8 weight-only linear layers (torchao)."),
@@ -225,7 +227,8 @@ def serve_command(
     if index is not None and not index.is_dir():
         fail(f"--index {index}: no such folder")
     options = ServeOptions(str(checkpoint), host=host, port=port, ray_address=ray_address, replicas=replicas,
-                           device=device, compile=compile, int8=int8, max_batch_images=max_batch_images,
+                           cpus_per_replica=cpus_per_replica, device=device, compile=compile, int8=int8,
+                           max_batch_images=max_batch_images,
                            batch_wait_ms=batch_wait_ms, max_queued_requests=max_queued,
                            max_body_bytes=max_body_bytes, index=None if index is None else str(index))
     stop, serving = threading.Event(), threading.Event()
