@@ -3,8 +3,9 @@ same batch, in one run.
 
 A random checkpoint of `--preset` (the demo VQ-GAN, 64 tokens per image, for tiny; the paper's f8-8192, 1,024
 tokens, otherwise) is written to a temp folder. First the engine alone: `--batches` calls of
-`--max-batch-images` images each, in this process (images/s of the codes, compilation excluded). Then
-`cm3 serve` in its own process with its own Ray, and at each concurrency (1, 8, 32) that many clients each send
+`--max-batch-images` images each, in this process on `--threads` threads (images/s of the codes, compilation
+excluded; and of the codes decoded to pixels, for reference). Then `cm3 serve` in its own process with its own
+Ray and one replica on as many threads, and at each concurrency (1, 8, 32) that many clients each send
 `--requests` requests of one image (n=1), one after the other: p50/p99 latency and images/s (PNGs received).
 The ratio is served images/s at the highest concurrency over the engine's.
 
@@ -65,7 +66,10 @@ def write_checkpoint(folder: Path, preset: str) -> Path:
     return save_checkpoint(folder / "ckpt", model, tokenizer)
 
 
-def engine_images_per_second(checkpoint: Path, device: str, batch: int, batches: int, compile: bool) -> float:
+def engine_images_per_second(checkpoint: Path, device: str, batch: int, batches: int,
+                             compile: bool) -> tuple[float, float]:
+    """Images/s of the engine's codes, and of the codes decoded to pixels by the VQ-GAN (what the server adds
+    before PNG encoding)."""
     dtype = torch.bfloat16 if device.startswith("cuda") else None
     model, tokenizer = load_checkpoint(checkpoint, device=device, dtype=dtype)
     vocab = tokenizer.vocab
@@ -73,11 +77,16 @@ def engine_images_per_second(checkpoint: Path, device: str, batch: int, batches:
                          compile=compile)
     prompt = tuple(image_prompt(vocab, tokenizer.encode_caption(PROMPT)))
     samples = [ImageSample(prompt, SamplingConfig(seed=0), i) for i in range(batch)]
-    engine.generate(samples).cpu()  # compilation, CUDA graph capture
-    started = time.perf_counter()
+    tokenizer.decode_image(engine.generate(samples).cpu())  # compilation, CUDA graph capture
+    codes_s = pixels_s = 0.0
     for _ in range(batches):
-        engine.generate(samples).cpu()
-    return batch * batches / (time.perf_counter() - started)
+        started = time.perf_counter()
+        ids = engine.generate(samples).cpu()
+        decoded = time.perf_counter()
+        tokenizer.decode_image(ids).cpu()
+        codes_s += decoded - started
+        pixels_s += time.perf_counter() - decoded
+    return batch * batches / codes_s, batch * batches / (codes_s + pixels_s)
 
 
 def post(url: str, body: dict) -> tuple[float, int, int]:
@@ -115,28 +124,36 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=3, help="engine calls timed after one warm-up")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--requests", type=int, default=4, help="requests per client at each concurrency")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
+                        help="CPU: torch threads of the engine here and of the server's replica (--cpus-per-replica)")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                         help="compile the decode step (default: on CUDA only, as cm3 serve does)")
     args = parser.parse_args()
     compile = args.device.startswith("cuda") if args.compile is None else args.compile
+    torch.set_num_threads(args.threads)
 
     with tempfile.TemporaryDirectory(prefix="cm3-serve-bench-") as tmp:
         checkpoint = write_checkpoint(Path(tmp), args.preset)
-        offline = engine_images_per_second(checkpoint, args.device, args.max_batch_images, args.batches, compile)
+        offline, offline_pixels = engine_images_per_second(checkpoint, args.device, args.max_batch_images,
+                                                           args.batches, compile)
         if args.device.startswith("cuda"):
             torch.cuda.empty_cache()
         port = free_port()
         url = f"http://127.0.0.1:{port}"
         command = [sys.executable, "-m", "cm3.workflows.cli", "serve", str(checkpoint), "--port", str(port),
                    "--device", args.device, "--max-batch-images", str(args.max_batch_images),
-                   "--compile" if compile else "--no-compile", "--max-queued", str(4 * max(args.concurrency))]
+                   "--compile" if compile else "--no-compile", "--max-queued", str(4 * max(args.concurrency)),
+                   "--cpus-per-replica", str(args.threads)]
         env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
         server = subprocess.Popen(command, env=env)
         try:
             wait_for_health(url, server, deadline_s=900)
-            print(f"preset {args.preset}, {args.device}, batch {args.max_batch_images} images, compile {compile}")
+            print(f"preset {args.preset}, {args.device}, batch {args.max_batch_images} images, compile {compile}, "
+                  f"{args.threads} threads")
             print(" | ".join(("contender", "concurrency", "requests", "p50 s", "p99 s", "images/s", "x engine")))
             print(" | ".join(("engine, called directly", "-", str(args.batches), "-", "-", f"{offline:.2f}", "1.00")))
+            print(" | ".join(("engine + VQ decode to pixels", "-", str(args.batches), "-", "-",
+                              f"{offline_pixels:.2f}", f"{offline_pixels / offline:.2f}")))
             served = 0.0
             for clients in args.concurrency:
                 bodies = [{"prompt": PROMPT, "n": 1, "seed": i} for i in range(clients * args.requests)]
