@@ -48,6 +48,7 @@ OWNED = {
                  "cd_k": SAMPLING.cd_k, "seed": SAMPLING.seed, "retrieved": INDEX.retrieval.k,
                  "image_guidance": SAMPLING.image_guidance_scale},
     "serve": {"host": SERVE.host, "port": SERVE.port, "replicas": SERVE.replicas, "device": SERVE.device,
+              "cpus_per_replica": SERVE.cpus_per_replica,
               "int8": SERVE.int8, "max_batch_images": SERVE.max_batch_images, "batch_wait_ms": SERVE.batch_wait_ms,
               "max_queued": SERVE.max_queued_requests, "max_body_bytes": SERVE.max_body_bytes},
     "eval text-to-image": {"samples": T2I["samples"], "retrieved": T2I["retrieved"], "guidance": T2I["guidance"],
