@@ -152,8 +152,8 @@ def _error(err: RequestError) -> JSONResponse:
 
 @serve.deployment(name="CM3Model")
 class ImageModel:
-    """One model replica: the checkpoint on its device and its decode engine. It runs whole batches, formed by
-    the HTTP ingress, so that no per-request Python shares this process (and its GIL) with the decode loop."""
+    """One model replica: the checkpoint on its device and its decode engine. It runs whole batches formed by
+    the HTTP ingress, so the process whose Python drives the decode loop does no per-request work."""
 
     def __init__(self, options: dict):
         import torch
@@ -214,7 +214,7 @@ class CM3Service:
         from cm3.model.checkpoint import load_tokenizer_and_config
 
         self.options = ServeOptions(**options)
-        self.model = model  # a DeploymentHandle to ImageModel
+        self.model_handle = model  # a DeploymentHandle to ImageModel
         self.config, self.tokenizer = load_tokenizer_and_config(self.options.checkpoint)
         self.rows, self.tokens = self.options.max_batch_images, self.tokenizer.tokens_per_image
         self.retriever = None
@@ -227,7 +227,7 @@ class CM3Service:
 
     @http.get("/health")
     async def health(self) -> dict:
-        model = await self.model.describe.remote()
+        model = await self.model_handle.describe.remote()
         return {"status": "ok", "checkpoint": self.options.checkpoint, **model}
 
     @http.post("/generate")
@@ -253,11 +253,11 @@ class CM3Service:
                                                     f"{question + room - 1}")
         except RequestError as err:
             return _error(err)
-        caption = await self.model.caption.remote(image, body.question, min(MAX_CAPTION_TOKENS, room))
+        caption = await self.model_handle.caption.remote(image, body.question, min(MAX_CAPTION_TOKENS, room))
         return JSONResponse({"caption": caption})
 
     async def _generate_batch(self, jobs: list[_Job]) -> list:
-        return await self.model.generate.remote([job.samples for job in jobs])
+        return await self.model_handle.generate.remote([job.samples for job in jobs])
 
     def _job(self, request: GenerateRequest) -> _Job:
         """Engine rows for a request, or RequestError naming the field that cannot be served."""
@@ -293,7 +293,6 @@ def build_app(options: ServeOptions, gpus_per_replica: float):
     """The bound application: `replicas` ingress replicas (no reserved CPU) in front of as many model replicas,
     their resources and the back-pressure limits (on the ingress, where requests arrive)."""
     model = ImageModel.options(
-        name="CM3Model",
         num_replicas=options.replicas,
         max_ongoing_requests=2,  # a batch decoding and a caption or the next batch waiting for the lock
         ray_actor_options={"num_gpus": gpus_per_replica,
