@@ -92,6 +92,25 @@ def test_a_request_cancelled_while_queued_takes_no_row():
     assert isinstance(results[2], asyncio.CancelledError)
 
 
+def test_a_cancelled_request_does_not_count_towards_a_full_batch():
+    async def scenario():
+        model = Model(hold_first=False)
+        batcher = ModelBatcher(model, max_size=3, wait_s=3600)
+        loop = asyncio.get_running_loop()
+        first, gone, third = (asyncio.create_task(batcher.submit(item)) for item in (1, 2, 3))
+        loop.call_soon(gone.cancel)
+        late = []
+        # scheduled twice over so that it runs after the batcher has looked at [1, cancelled 2, 3]: two live
+        # rows of three, so the batch must wait for this one rather than close
+        loop.call_soon(loop.call_soon, lambda: late.append(asyncio.create_task(batcher.submit(4))))
+        results = await asyncio.wait_for(asyncio.gather(first, third), GUARD_S)
+        return model, results, await asyncio.wait_for(late[0], GUARD_S)
+
+    model, results, last = asyncio.run(scenario())
+    assert model.batches == [[1, 3, 4]]
+    assert results == [2, 6] and last == 8
+
+
 def test_an_error_reaches_every_caller_of_its_batch_and_the_next_batch_still_runs():
     async def errors():
         model = Model(fail_on=3)

@@ -61,6 +61,8 @@ class ModelBatcher:
     def _queued_size(self) -> int:
         total = 0
         for waiting in self._queue:
+            if waiting.future.done():  # cancelled: it will take no row
+                continue
             if total + waiting.size > self.max_size:
                 break
             total += waiting.size
