@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -11,6 +12,12 @@ EXIT_BAD_INPUT = 2
 
 
 def fail(message: str, code: int = EXIT_BAD_INPUT) -> None:
+    """The error as the command's last word, and its exit code. A Ray driver disconnects first (what it would do
+    at exit anyway): Ray streams worker logs to the driver's stderr from a thread, and a failed task's traceback
+    could otherwise arrive after the error."""
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(code)
 
