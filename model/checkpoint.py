@@ -62,21 +62,25 @@ def check_checkpoint(directory: str | os.PathLike) -> Path:
     return root
 
 
-def load_tokenizer_and_config(directory: str | os.PathLike) -> tuple[CM3Config, MultimodalTokenizer]:
-    """The decoder's config and the tokenizer on the CPU, without the decoder's weights: what a process needs
-    to validate and tokenize requests for a model that runs elsewhere (`cm3 serve`'s HTTP ingress)."""
+def _checkpoint_root(directory: str | os.PathLike) -> Path:
+    """The folder, once its commit marker shows a whole checkpoint was written there."""
     root = Path(directory)
     if not (root / MARKER).is_file():
         raise FileNotFoundError(f"{root}: not a cm3 checkpoint ({MARKER} is missing)")
+    return root
+
+
+def load_tokenizer_and_config(directory: str | os.PathLike) -> tuple[CM3Config, MultimodalTokenizer]:
+    """The decoder's config and the tokenizer on the CPU, without the decoder's weights: what a process needs
+    to validate and tokenize requests for a model that runs elsewhere (`cm3 serve`'s HTTP ingress)."""
+    root = _checkpoint_root(directory)
     return CM3Config.from_dict(load_json(root / CONFIG_NAME)), MultimodalTokenizer.load(root / TOKENIZER_DIR)
 
 
 def load_checkpoint(directory: str | os.PathLike, device: str | torch.device = "cpu",
                     dtype: torch.dtype | None = None) -> tuple[CM3, MultimodalTokenizer]:
     """(model in eval mode, tokenizer); clear errors for a folder that is not a whole checkpoint."""
-    root = Path(directory)
-    if not (root / MARKER).is_file():
-        raise FileNotFoundError(f"{root}: not a cm3 checkpoint ({MARKER} is missing)")
+    root = _checkpoint_root(directory)
     tokenizer = MultimodalTokenizer.load(root / TOKENIZER_DIR, device=device)
     try:
         model = CM3.from_pretrained(root, device=device, dtype=dtype, expected_vocab_size=tokenizer.vocab.size)

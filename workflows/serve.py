@@ -38,7 +38,6 @@ from cm3.workflows.serve_options import ServeOptions
 
 APP_NAME = "cm3"
 MAX_CAPTION_TOKENS = 32
-CD_K = 5  # the paper's contrastive decoding K, for every request
 
 
 class RequestError(Exception):
@@ -175,8 +174,7 @@ class ImageModel:
             quantize_int8(self.model)
         compile = device.startswith("cuda") if options.compile is None else options.compile
         self.engine = ImageEngine(self.model, self.tokenizer.vocab, unconditional_prompt(self.tokenizer.vocab),
-                                  self.tokenizer.tokens_per_image, options.max_batch_images, compile=compile,
-                                  cd_k=CD_K)
+                                  self.tokenizer.tokens_per_image, options.max_batch_images, compile=compile)
         self.lock = threading.Lock()  # one batch on the model at a time (CUDA graph capture needs that)
         warm_up = ImageSample(tuple(text_to_image_prompt(self.tokenizer, "warm up")), SamplingConfig(seed=0), 0)
         self.generate([[warm_up]])  # compile / capture before the replica reports healthy
@@ -282,7 +280,7 @@ class CM3Service:
                                            f"{room} before the {self.tokens} image tokens")
         method = "top_p" if request.method == "mix" else request.method
         sampling = seeded(SamplingConfig(temperature=request.temperature, guidance_scale=request.guidance,
-                                         method=method, seed=request.seed, cd_k=CD_K))
+                                         method=method, seed=request.seed))
         mix = ["top_p"] * (request.n - request.n // 2) + ["cd_k"] * (request.n // 2)
         samples = [ImageSample(prompt, sampling, i, mix[i] if request.method == "mix" else None)
                    for i in range(request.n)]

@@ -3,8 +3,8 @@ waited while the previous one ran.
 
 Ray Serve's `@serve.batch` (2.60) forms a batch as soon as its wait ends and then queues it behind the running
 one, so under load it decodes many small batches back to back (at 32 clients and 16 rows: 3 to 12 rows each,
-0.09-0.13x the engine's throughput in `benchmarks/serve.py`). Forming the batch only once the model is free fills it
-from the queue that built up meanwhile; the wait applies only to a request that found the model idle.
+0.09-0.13x the engine's throughput in `benchmarks/serve.py`). Forming the batch only once the model is free
+fills it from the queue that built up meanwhile; the wait applies only to a request that found the model idle.
 """
 
 from __future__ import annotations
